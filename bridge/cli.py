@@ -1,0 +1,223 @@
+"""`vod-bridge`: the command line. The only place that reads the process environment and picks exit codes.
+
+Exit codes: 0 clean shutdown, 2 invalid configuration, 3 failed while starting or running (e.g. the broker
+refused the idempotent producer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+
+import msgspec
+from aiohttp import web
+
+from . import __version__
+from .app import create_app
+from .config import Settings, load_settings
+from .embedded import EmbeddedBroker
+from .errors import BridgeError, ConfigError
+from .logs import configure_logging
+from .schema import build_schemas, render, write_schemas
+from .tail import tail
+
+logger = logging.getLogger("bridge.cli")
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_FAILED = 3
+
+# CLI flag -> environment variable it overrides.
+_FLAG_TO_ENV = {
+    "bootstrap_servers": "BRIDGE_KAFKA_BOOTSTRAP_SERVERS",
+    "topic": "BRIDGE_KAFKA_TOPIC",
+    "host": "BRIDGE_HTTP_HOST",
+    "port": "BRIDGE_HTTP_PORT",
+    "callback_path": "BRIDGE_CALLBACK_PATH",
+    "enable_idempotence": "BRIDGE_KAFKA_ENABLE_IDEMPOTENCE",
+    "log_level": "BRIDGE_LOG_LEVEL",
+    "log_format": "BRIDGE_LOG_FORMAT",
+}
+
+
+def sample_path(name: str = "pull-complete.json") -> Path:
+    return Path(str(resources.files("bridge") / "samples" / name))
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each overrides its environment variable)")
+    group.add_argument("--bootstrap-servers", help="BRIDGE_KAFKA_BOOTSTRAP_SERVERS")
+    group.add_argument("--topic", help="BRIDGE_KAFKA_TOPIC")
+    group.add_argument("--host", help="BRIDGE_HTTP_HOST")
+    group.add_argument("--port", help="BRIDGE_HTTP_PORT")
+    group.add_argument("--callback-path", help="BRIDGE_CALLBACK_PATH")
+    group.add_argument(
+        "--enable-idempotence",
+        choices=["true", "false"],
+        help="BRIDGE_KAFKA_ENABLE_IDEMPOTENCE",
+    )
+    group.add_argument("--log-level", help="BRIDGE_LOG_LEVEL")
+    group.add_argument("--log-format", help="BRIDGE_LOG_FORMAT")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vod-bridge", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("--version", action="version", version=f"vod-kafka-bridge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the bridge against the configured Kafka")
+    _add_settings_flags(serve)
+
+    dev = commands.add_parser("dev", help="run the bridge on an embedded broker and print each record")
+    _add_settings_flags(dev)
+
+    schema = commands.add_parser("schema", help="print (or write) the JSON Schemas of the record contract")
+    schema.add_argument("--write", metavar="DIR", type=Path, help="write the schema files into DIR")
+
+    tail_cmd = commands.add_parser("tail", help="print records from the topic as they arrive")
+    _add_settings_flags(tail_cmd)
+    tail_cmd.add_argument("--event-type", help="only records of this EventType")
+    tail_cmd.add_argument("--key", help="only records with this key (TaskId)")
+    tail_cmd.add_argument("--from-beginning", action="store_true")
+    tail_cmd.add_argument("--compact", action="store_true", help="one-line JSON values")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = os.environ if environ is None else environ
+    if args.command == "schema":
+        return _schema(args)
+    overrides = {
+        var: str(getattr(args, flag))
+        for flag, var in _FLAG_TO_ENV.items()
+        if getattr(args, flag, None) is not None
+    }
+    try:
+        settings = load_settings(env, overrides)
+    except ConfigError as exc:
+        print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level, settings.log_format)
+    if args.command == "serve":
+        return serve(settings)
+    if args.command == "dev":
+        return dev(settings)
+    return _tail(settings, args)
+
+
+def serve(settings: Settings, *, extra_cleanup: Sequence[CleanupCtx] = ()) -> int:
+    """Run until SIGTERM/SIGINT: stop accepting, finish in-flight publishes, flush, exit 0."""
+    failures: list[BaseException] = []
+
+    def on_fatal(exc: BaseException) -> None:
+        logger.critical("stopping: %s", exc)
+        failures.append(exc)
+        # run_app turns the signal into its graceful shutdown, the same path as an operator's SIGTERM.
+        signal.raise_signal(signal.SIGTERM)
+
+    app = create_app(settings, on_fatal=on_fatal)
+    for ctx in extra_cleanup:
+        app.cleanup_ctx.append(ctx)
+    logger.info(
+        "vod-bridge %s listening on http://%s:%d%s -> kafka %s topic %s",
+        __version__,
+        settings.http.host,
+        settings.http.port,
+        settings.http.callback_path,
+        settings.kafka.bootstrap_servers,
+        settings.kafka.topic,
+    )
+    try:
+        web.run_app(
+            app,
+            host=settings.http.host,
+            port=settings.http.port,
+            shutdown_timeout=settings.http.shutdown_timeout_s,
+            print=None,
+            access_log=None,
+        )
+    except (OSError, BridgeError) as exc:
+        logger.critical("failed: %s", exc)
+        return EXIT_FAILED
+    if failures:
+        return EXIT_FAILED
+    logger.info("vod-bridge stopped cleanly")
+    return EXIT_OK
+
+
+def dev(settings: Settings) -> int:
+    """`make run`: an embedded tansu broker, the bridge on it, a ready curl line and a live record printer."""
+    broker = EmbeddedBroker()
+    broker.start()
+    # tansu rejects aiokafka's InitProducerId; acks=all still holds (README "Idempotence").
+    kafka = msgspec.structs.replace(
+        settings.kafka, bootstrap_servers=broker.bootstrap_servers, enable_idempotence=False
+    )
+    settings = msgspec.structs.replace(settings, kafka=kafka)
+    logger.info(
+        "embedded tansu broker on %s (in memory; idempotent producer off for tansu)", broker.bootstrap_servers
+    )
+    host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::") else settings.http.host
+    url = f"http://{host}:{settings.http.port}{settings.http.callback_path}"
+    banner = (
+        "\nvod-bridge dev is up. Send the sample PullComplete event with:\n\n"
+        f"  curl -sS -X POST {url} -H 'Content-Type: application/json' --data-binary @{sample_path()}\n\n"
+        f"Records published to Kafka are printed below as they land. Ctrl-C stops.\n"
+    )
+
+    async def record_printer(app: web.Application) -> AsyncIterator[None]:
+        topics = {settings.kafka.topic, *settings.kafka.topic_routes.values()}
+        task = asyncio.create_task(
+            tail(broker.bootstrap_servers, topics, out=sys.stdout, from_beginning=True), name="dev-printer"
+        )
+        print(banner, flush=True)
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        return serve(settings, extra_cleanup=[record_printer])
+    finally:
+        broker.stop()
+
+
+def _tail(settings: Settings, args: argparse.Namespace) -> int:
+    topics = {settings.kafka.topic, *settings.kafka.topic_routes.values()}
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            tail(
+                settings.kafka.bootstrap_servers,
+                topics,
+                out=sys.stdout,
+                event_type=args.event_type,
+                key=args.key,
+                from_beginning=args.from_beginning,
+                pretty=not args.compact,
+            )
+        )
+    return EXIT_OK
+
+
+def _schema(args: argparse.Namespace) -> int:
+    if args.write is not None:
+        for path in write_schemas(args.write):
+            print(path)
+        return EXIT_OK
+    for name, document in build_schemas().items():
+        print(f"# {name}")
+        sys.stdout.write(render(document).decode())
+    return EXIT_OK

@@ -1,0 +1,223 @@
+"""Settings: one frozen, typed tree built once at start-up from environment variables (CLI flags override).
+
+Every setting has exactly one environment variable, listed in ``ENV_VARS``; the README's configuration
+table is that list. Validation happens here, before any socket is opened, and fails with a
+:class:`ConfigError` that names the variable, never its (possibly secret) value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+CompressionType = Literal["none", "gzip"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+LogFormat = Literal["auto", "text", "json"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+_MASK: Final = "'***'"
+
+
+class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
+    bootstrap_servers: str = "localhost:9092"
+    #: Default topic for every event type without a route.
+    topic: str = "vod.events"
+    #: EventType -> topic overrides, e.g. ``{"NewFileUpload": "vod.uploads"}``.
+    topic_routes: dict[str, str] = {}
+    #: Idempotent producer (acks=all either way). Off is needed for brokers lacking InitProducerId v0+
+    #: support for aiokafka, notably the embedded tansu broker; see README "Idempotence".
+    enable_idempotence: bool = True
+    #: How long a publish may wait for the broker ack before the caller gets a 503 / no confirm.
+    publish_timeout_s: float = 10.0
+    #: Producer batching: wait up to linger_ms to fill batches of up to max_batch_bytes.
+    linger_ms: int = 5
+    max_batch_bytes: int = 65536
+    compression: CompressionType = "none"
+    client_id: str = "vod-kafka-bridge"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    #: Bound on publishes waiting for an ack at once; beyond it callbacks get 503 + Retry-After.
+    max_in_flight: int = 1000
+
+    def __repr__(self) -> str:
+        shown = {f: getattr(self, f) for f in self.__struct_fields__}
+        if shown["sasl_password"] is not None:
+            shown["sasl_password"] = "***"
+        return "KafkaSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    def topic_for(self, event_type: str) -> str:
+        return self.topic_routes.get(event_type, self.topic)
+
+
+class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "0.0.0.0"
+    port: int = 8080
+    callback_path: str = "/vod/callback"
+    max_body_bytes: int = 1024 * 1024
+    #: Graceful shutdown: how long in-flight callbacks may take to finish after SIGTERM.
+    shutdown_timeout_s: float = 30.0
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    kafka: KafkaSettings = KafkaSettings()
+    http: HttpSettings = HttpSettings()
+    log_level: LogLevel = "INFO"
+    log_format: LogFormat = "auto"
+
+
+class EnvVar(msgspec.Struct, frozen=True):
+    name: str
+    #: Dotted path into Settings, e.g. ``kafka.topic``.
+    path: str
+    help: str
+    secret: bool = False
+
+
+ENV_VARS: Final = (
+    EnvVar(
+        "BRIDGE_KAFKA_BOOTSTRAP_SERVERS", "kafka.bootstrap_servers", "Kafka bootstrap servers, host:port,..."
+    ),
+    EnvVar("BRIDGE_KAFKA_TOPIC", "kafka.topic", "default topic for all event types"),
+    EnvVar(
+        "BRIDGE_KAFKA_TOPIC_ROUTES",
+        "kafka.topic_routes",
+        "per-type topics: EventType=topic,EventType=topic",
+    ),
+    EnvVar("BRIDGE_KAFKA_ENABLE_IDEMPOTENCE", "kafka.enable_idempotence", "idempotent producer (true/false)"),
+    EnvVar("BRIDGE_KAFKA_PUBLISH_TIMEOUT_S", "kafka.publish_timeout_s", "max wait for the broker ack"),
+    EnvVar("BRIDGE_KAFKA_LINGER_MS", "kafka.linger_ms", "producer linger"),
+    EnvVar("BRIDGE_KAFKA_MAX_BATCH_BYTES", "kafka.max_batch_bytes", "producer batch size"),
+    EnvVar("BRIDGE_KAFKA_COMPRESSION", "kafka.compression", "none or gzip"),
+    EnvVar("BRIDGE_KAFKA_CLIENT_ID", "kafka.client_id", "Kafka client id"),
+    EnvVar(
+        "BRIDGE_KAFKA_SECURITY_PROTOCOL",
+        "kafka.security_protocol",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
+    ),
+    EnvVar("BRIDGE_KAFKA_SASL_MECHANISM", "kafka.sasl_mechanism", "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+    EnvVar("BRIDGE_KAFKA_SASL_USERNAME", "kafka.sasl_username", "SASL user"),
+    EnvVar("BRIDGE_KAFKA_SASL_PASSWORD", "kafka.sasl_password", "SASL password (or _FILE)", secret=True),
+    EnvVar("BRIDGE_KAFKA_SSL_CAFILE", "kafka.ssl_cafile", "CA bundle for SSL/SASL_SSL"),
+    EnvVar("BRIDGE_KAFKA_MAX_IN_FLIGHT", "kafka.max_in_flight", "publishes awaiting an ack at once"),
+    EnvVar("BRIDGE_HTTP_HOST", "http.host", "listen address"),
+    EnvVar("BRIDGE_HTTP_PORT", "http.port", "listen port"),
+    EnvVar("BRIDGE_CALLBACK_PATH", "http.callback_path", "path VOD posts events to"),
+    EnvVar("BRIDGE_HTTP_MAX_BODY_BYTES", "http.max_body_bytes", "larger callbacks get 413"),
+    EnvVar("BRIDGE_SHUTDOWN_TIMEOUT_S", "http.shutdown_timeout_s", "drain time after SIGTERM"),
+    EnvVar("BRIDGE_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING, ERROR"),
+    EnvVar("BRIDGE_LOG_FORMAT", "log_format", "auto (text on a terminal), text or json"),
+)
+_BY_PATH: Final = {var.path: var for var in ENV_VARS}
+_ROUTE_RE: Final = re.compile(r"^[A-Za-z0-9]+=[A-Za-z0-9._-]{1,249}$")
+_TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Settings:
+    """Build and validate Settings from environment variables; ``overrides`` (env-var name -> value, from
+    CLI flags) win over ``environ``. Raises :class:`ConfigError` naming the offending variable."""
+    merged = dict(environ)
+    merged.update(overrides or {})
+    tree: dict[str, Any] = {}
+    for var in ENV_VARS:
+        raw = _read(merged, var)
+        if raw is None:
+            continue
+        value: object = _parse_routes(raw) if var.path == "kafka.topic_routes" else raw
+        section, _, field = var.path.rpartition(".")
+        (tree.setdefault(section, {}) if section else tree)[field] = value
+    try:
+        settings = msgspec.convert(tree, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+    _validate(settings)
+    return settings
+
+
+def _read(environ: Mapping[str, str], var: EnvVar) -> str | None:
+    if var.secret and (path := environ.get(var.name + "_FILE")):
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{var.name}_FILE: cannot read {path}: {exc.strerror}") from None
+    value = environ.get(var.name)
+    return value if value not in (None, "") else None
+
+
+def _parse_routes(raw: str) -> dict[str, str]:
+    routes: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        if not _ROUTE_RE.match(item):
+            raise ConfigError(f"BRIDGE_KAFKA_TOPIC_ROUTES: {item!r} is not EventType=topic")
+        event_type, topic = item.split("=", 1)
+        routes[event_type] = topic
+    return routes
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    # msgspec reports e.g. "Expected `int`, got `str` - at `$.kafka.linger_ms`": name the env var instead.
+    message = str(exc)
+    match = re.search(r"at `\$\.([\w.]+)`", message)
+    if match and (var := _BY_PATH.get(match.group(1))):
+        detail = message.split(" - at ", maxsplit=1)[0]
+        if var.secret:
+            detail = "invalid value"
+        return f"{var.name}: {detail}"
+    return f"invalid configuration: {message}"
+
+
+def _validate(settings: Settings) -> None:
+    kafka, http = settings.kafka, settings.http
+    checks: list[tuple[bool, str]] = [
+        (bool(kafka.bootstrap_servers.strip()), "BRIDGE_KAFKA_BOOTSTRAP_SERVERS: must not be empty"),
+        (
+            all(_is_host_port(s) for s in kafka.bootstrap_servers.split(",")),
+            "BRIDGE_KAFKA_BOOTSTRAP_SERVERS: expected host:port[,host:port...]",
+        ),
+        (bool(_TOPIC_RE.match(kafka.topic)), "BRIDGE_KAFKA_TOPIC: not a valid Kafka topic name"),
+        (kafka.publish_timeout_s > 0, "BRIDGE_KAFKA_PUBLISH_TIMEOUT_S: must be > 0"),
+        (kafka.linger_ms >= 0, "BRIDGE_KAFKA_LINGER_MS: must be >= 0"),
+        (kafka.max_batch_bytes >= 1024, "BRIDGE_KAFKA_MAX_BATCH_BYTES: must be >= 1024"),
+        (kafka.max_in_flight >= 1, "BRIDGE_KAFKA_MAX_IN_FLIGHT: must be >= 1"),
+        (
+            kafka.sasl_mechanism is None or kafka.security_protocol.startswith("SASL"),
+            "BRIDGE_KAFKA_SASL_MECHANISM: needs BRIDGE_KAFKA_SECURITY_PROTOCOL SASL_PLAINTEXT or SASL_SSL",
+        ),
+        (
+            not kafka.security_protocol.startswith("SASL")
+            or (
+                kafka.sasl_mechanism is not None
+                and bool(kafka.sasl_username)
+                and kafka.sasl_password is not None
+            ),
+            "BRIDGE_KAFKA_SECURITY_PROTOCOL: SASL needs BRIDGE_KAFKA_SASL_MECHANISM, _USERNAME and _PASSWORD",
+        ),
+        (0 <= http.port <= 65535, "BRIDGE_HTTP_PORT: must be 0..65535"),
+        (
+            http.callback_path.startswith("/")
+            and http.callback_path not in ("/healthz", "/readyz", "/metrics"),
+            "BRIDGE_CALLBACK_PATH: must start with / and not clash with /healthz, /readyz, /metrics",
+        ),
+        (http.max_body_bytes >= 1024, "BRIDGE_HTTP_MAX_BODY_BYTES: must be >= 1024"),
+        (http.shutdown_timeout_s >= 0, "BRIDGE_SHUTDOWN_TIMEOUT_S: must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for event_type, topic in kafka.topic_routes.items():
+        if not _TOPIC_RE.match(topic):
+            raise ConfigError(f"BRIDGE_KAFKA_TOPIC_ROUTES: {topic!r} for {event_type} is not a valid topic")
+
+
+def _is_host_port(server: str) -> bool:
+    host, sep, port = server.strip().rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) <= 65535)

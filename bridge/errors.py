@@ -1,0 +1,89 @@
+"""The exception tree. Each HTTP-facing error carries its own status and a stable machine-readable code.
+
+Library exceptions (msgspec, aiokafka, aiohttp client) are translated into these inside the module that
+calls the library, so callers only ever handle ``BridgeError``.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class BridgeError(Exception):
+    """Root of every error raised by the bridge."""
+
+    status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(BridgeError):
+    """A setting is missing or invalid; raised at start-up only."""
+
+    code = "config_error"
+
+
+class InvalidPayload(BridgeError):
+    """The request body is not a VOD event we can publish (bad JSON, wrong shape, missing id)."""
+
+    status = HTTPStatus.BAD_REQUEST
+    code = "invalid_payload"
+
+    def __init__(self, message: str, *, reason: str = "invalid_payload") -> None:
+        super().__init__(message)
+        #: A short, bounded label (``malformed_json``, ``missing_key``, ...) used for metrics.
+        self.reason = reason
+
+
+class PayloadTooLarge(BridgeError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "payload_too_large"
+
+
+class Unauthorized(BridgeError):
+    """A callback signature, token or source address was rejected."""
+
+    status = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+
+
+class PublishFailed(BridgeError):
+    """Kafka did not acknowledge the record in time; the sender should retry later."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "kafka_unavailable"
+
+    def __init__(self, message: str, *, retriable: bool = True, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(PublishFailed):
+    """The Kafka producer has not connected yet."""
+
+    code = "not_ready"
+
+
+class Overloaded(PublishFailed):
+    """Too many publishes are in flight; the sender should back off."""
+
+    code = "overloaded"
+
+
+class UpstreamError(BridgeError):
+    """The VOD API answered with an error or could not be reached."""
+
+    status = HTTPStatus.BAD_GATEWAY
+    code = "upstream_error"
+
+    def __init__(
+        self, message: str, *, api_code: str = "", request_id: str = "", retriable: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.api_code = api_code
+        self.request_id = request_id
+        self.retriable = retriable

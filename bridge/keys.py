@@ -1,0 +1,13 @@
+"""Typed ``web.AppKey``s for everything the app shares; the only way handlers reach shared resources."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .config import Settings
+from .metrics import Metrics
+from .sink import Sink
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+SINK_KEY = web.AppKey("sink", Sink)

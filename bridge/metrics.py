@@ -1,0 +1,51 @@
+"""Prometheus metrics, on a registry owned by one app instance (no process-global state between tests)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from .events import EVENT_TYPES
+
+#: Unknown EventTypes are caller-controlled strings; they share one label value to bound cardinality.
+OTHER_EVENT_TYPE: Final = "other"
+
+
+def event_type_label(event_type: str) -> str:
+    return event_type if event_type in EVENT_TYPES else OTHER_EVENT_TYPE
+
+
+class Metrics:
+    """Every counter the bridge keeps. Label values are bounded: event types via :func:`event_type_label`,
+    reasons from the fixed set of ``InvalidPayload.reason`` / error codes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter(
+            "vod_bridge_events_received", "Events received", ["source", "event_type"], registry=r
+        )
+        self.published = Counter(
+            "vod_bridge_events_published", "Events acked by Kafka", ["source", "event_type"], registry=r
+        )
+        self.rejected = Counter(
+            "vod_bridge_events_rejected", "Inputs rejected, by reason", ["source", "reason"], registry=r
+        )
+        self.publish_failed = Counter(
+            "vod_bridge_publish_failures", "Publishes not acked by Kafka", ["source", "code"], registry=r
+        )
+        self.publish_latency = Histogram(
+            "vod_bridge_publish_latency_seconds",
+            "Time from publish call to broker ack",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.in_flight = Gauge("vod_bridge_publish_in_flight", "Publishes awaiting an ack", registry=r)
+        self.kafka_connected = Gauge(
+            "vod_bridge_kafka_connected", "1 when the producer is connected", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

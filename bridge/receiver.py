@@ -1,0 +1,84 @@
+"""The normal-callback source: ``POST <callback_path>`` → decode → publish → 200 only after the Kafka ack."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .errors import BridgeError, InvalidPayload, PayloadTooLarge, PublishFailed
+from .events import decode_event
+from .keys import METRICS_KEY, SETTINGS_KEY, SINK_KEY
+from .metrics import event_type_label
+
+logger = logging.getLogger("bridge.receiver")
+
+
+async def handle_callback(request: web.Request) -> web.Response:
+    """Publish one VOD event. 200 means the broker acknowledged the record (acks=all)."""
+    metrics = request.app[METRICS_KEY]
+    received_at = datetime.now(UTC)
+    try:
+        body = await _read_body(request)
+        event = decode_event(body)
+    except InvalidPayload as exc:
+        metrics.rejected.labels("callback", exc.reason).inc()
+        logger.info("rejected callback from %s: %s (%s)", request.remote, exc.reason, exc.message)
+        raise
+    except PayloadTooLarge:
+        metrics.rejected.labels("callback", "too_large").inc()
+        logger.info("rejected callback from %s: body over the size limit", request.remote)
+        raise
+
+    metrics.received.labels("callback", event_type_label(event.event_type)).inc()
+    try:
+        ack = await request.app[SINK_KEY].publish(event, source="callback", received_at=received_at)
+    except PublishFailed as exc:
+        logger.warning("callback %s key=%s not acked: %s", event.event_type, event.key, exc.message)
+        raise
+    return web.json_response(
+        {"status": "published", "topic": ack.topic, "partition": ack.partition, "offset": ack.offset}
+    )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    limit = request.app[SETTINGS_KEY].http.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit} bytes")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes") from None
+    if not body:
+        raise InvalidPayload("empty body: expected a VOD event JSON object", reason="empty_body")
+    return body
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    return {"error": code, "message": message}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into a JSON body ``{"error": code, "message": ...}`` with the error's own status."""
+    try:
+        return await handler(request)
+    except BridgeError as exc:
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, PublishFailed) else None
+        return web.json_response(error_body(exc.code, exc.message), status=exc.status, headers=headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return web.json_response(error_body(code, exc.reason), status=exc.status, headers=_allow(exc))
+    except Exception:
+        # A bug must not take the service down or leak internals; VOD will retry the event.
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return web.json_response(error_body("internal_error", "internal error"), status=500)
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str] | None:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else None

@@ -1,0 +1,202 @@
+"""The Kafka sink: one long-lived aiokafka producer; ``publish`` returns only after the broker ack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from datetime import datetime
+from typing import Any, Final, Literal, Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError
+
+from .config import KafkaSettings
+from .errors import ConfigError, NotReady, Overloaded, PublishFailed
+from .events import VodEvent
+from .metrics import Metrics, event_type_label
+from .timefmt import rfc3339_utc
+
+logger = logging.getLogger("bridge.sink")
+
+Source = Literal["callback", "pull"]
+
+CONTENT_TYPE_JSON: Final = b"application/json"
+
+
+class Ack(Protocol):
+    """What the broker acknowledged (aiokafka's ``RecordMetadata`` satisfies this)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+
+
+class Sink(Protocol):
+    """Where events go. ``publish`` returns only after the record is durably acknowledged."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def publish(
+        self, event: VodEvent, *, source: Source, received_at: datetime, topic: str | None = None
+    ) -> Ack: ...
+
+
+class IdempotenceUnsupported(ConfigError):
+    """The broker rejected the idempotent producer's InitProducerId request."""
+
+
+def record_headers(
+    event: VodEvent, *, source: Source, received_at: datetime, extra: tuple[tuple[str, bytes], ...] = ()
+) -> list[tuple[str, bytes]]:
+    """The Kafka headers of the record contract (see README "Record contract")."""
+    headers = [
+        ("event-type", event.event_type.encode()),
+        ("source", source.encode()),
+        ("received-at", rfc3339_utc(received_at).encode()),
+        ("content-type", CONTENT_TYPE_JSON),
+    ]
+    if event.event_handle is not None:
+        headers.append(("event-handle", event.event_handle.encode()))
+    headers.extend(extra)
+    return headers
+
+
+class KafkaSink:
+    """Publishes :class:`VodEvent` records with acks=all.
+
+    :meth:`connect` retries until the broker answers (``ready`` turns true); :meth:`publish` fails fast with
+    :class:`NotReady` before that, with :class:`Overloaded` when ``max_in_flight`` publishes already wait,
+    and with :class:`PublishFailed` when no ack arrives within ``publish_timeout_s``.
+    """
+
+    def __init__(self, settings: KafkaSettings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._producer: AIOKafkaProducer | None = None
+        self._in_flight = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._producer is not None
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _make_producer(self) -> AIOKafkaProducer:
+        s = self._settings
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": s.bootstrap_servers,
+            "client_id": s.client_id,
+            "acks": "all",
+            "enable_idempotence": s.enable_idempotence,
+            "linger_ms": s.linger_ms,
+            "max_batch_size": s.max_batch_bytes,
+            "compression_type": None if s.compression == "none" else s.compression,
+            "request_timeout_ms": max(1000, int(s.publish_timeout_s * 1000)),
+            "security_protocol": s.security_protocol,
+        }
+        if s.sasl_mechanism is not None:
+            kwargs |= {
+                "sasl_mechanism": s.sasl_mechanism,
+                "sasl_plain_username": s.sasl_username,
+                "sasl_plain_password": s.sasl_password,
+            }
+        if s.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(cafile=s.ssl_cafile)
+        return AIOKafkaProducer(**kwargs)
+
+    async def connect(self, *, retry_delay_s: float = 0.5, max_retry_delay_s: float = 10.0) -> None:
+        """Start the producer, retrying connection errors forever with jittered backoff.
+
+        Raises :class:`IdempotenceUnsupported` at once if the broker refuses the idempotent producer, since
+        retrying cannot help there.
+        """
+        attempt = 0
+        delay_s = retry_delay_s
+        while True:
+            attempt += 1
+            producer = self._make_producer()
+            try:
+                await producer.start()
+            except KafkaConnectionError as exc:
+                await producer.stop()
+                logger.warning(
+                    "kafka not reachable at %s (attempt %d): %s; retrying in %.1fs",
+                    self._settings.bootstrap_servers,
+                    attempt,
+                    exc,
+                    delay_s,
+                )
+                await asyncio.sleep(delay_s * random.uniform(0.8, 1.2))
+                delay_s = min(delay_s * 2, max_retry_delay_s)
+                continue
+            except BrokerResponseError as exc:
+                await producer.stop()
+                if self._settings.enable_idempotence:
+                    raise IdempotenceUnsupported(
+                        f"the broker refused the idempotent producer (InitProducerId: {exc}); set "
+                        "BRIDGE_KAFKA_ENABLE_IDEMPOTENCE=false for brokers without support, e.g. tansu"
+                    ) from None
+                raise
+            self._producer = producer
+            self._metrics.kafka_connected.set(1)
+            logger.info(
+                "kafka producer connected to %s (acks=all, idempotence=%s)",
+                self._settings.bootstrap_servers,
+                self._settings.enable_idempotence,
+            )
+            return
+
+    async def close(self) -> None:
+        """Flush every buffered record and close the producer."""
+        producer, self._producer = self._producer, None
+        self._metrics.kafka_connected.set(0)
+        if producer is not None:
+            await producer.stop()
+            logger.info("kafka producer flushed and closed")
+
+    async def publish(
+        self, event: VodEvent, *, source: Source, received_at: datetime, topic: str | None = None
+    ) -> Ack:
+        """Send one record and wait for the broker ack. Returns the ack; raises :class:`PublishFailed`."""
+        producer = self._producer
+        if producer is None:
+            raise NotReady("kafka producer is not connected yet")
+        if self._in_flight >= self._settings.max_in_flight:
+            raise Overloaded(f"{self._in_flight} publishes already awaiting a Kafka ack", retry_after_s=1)
+        headers = record_headers(event, source=source, received_at=received_at)
+        target = topic or self._settings.topic_for(event.event_type)
+        self._in_flight += 1
+        self._metrics.in_flight.inc()
+        started = time.perf_counter()
+        try:
+            # Bounds both the wait for buffer space/metadata in send() and the wait for the ack; a record
+            # already handed to the producer may still be delivered later (at-least-once, same key).
+            async with asyncio.timeout(self._settings.publish_timeout_s):
+                delivery = await producer.send(target, event.value, key=event.key.encode(), headers=headers)
+                ack: Ack = await delivery
+        except TimeoutError:
+            self._metrics.publish_failed.labels(source, "timeout").inc()
+            raise PublishFailed(
+                f"no Kafka ack within {self._settings.publish_timeout_s:g}s for topic {target}"
+            ) from None
+        except KafkaError as exc:
+            self._metrics.publish_failed.labels(source, type(exc).__name__).inc()
+            raise PublishFailed(
+                f"kafka error for topic {target}: {type(exc).__name__}", retriable=bool(exc.retriable)
+            ) from exc
+        finally:
+            self._in_flight -= 1
+            self._metrics.in_flight.dec()
+        self._metrics.publish_latency.observe(time.perf_counter() - started)
+        self._metrics.published.labels(source, event_type_label(event.event_type)).inc()
+        return ack

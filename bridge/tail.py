@@ -1,0 +1,67 @@
+"""Reading records back: the record printer of `vod-bridge dev` and `vod-bridge tail`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from typing import IO, Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer
+
+
+def format_record(record: Any, *, pretty: bool = True) -> str:
+    """One record as text: a summary line, then its value (indented JSON when ``pretty``)."""
+    headers = {name: value.decode(errors="replace") for name, value in record.headers or ()}
+    key = record.key.decode(errors="replace") if record.key is not None else "-"
+    summary = (
+        f"{headers.get('received-at', '-')} {record.topic}[{record.partition}]@{record.offset} "
+        f"key={key} type={headers.get('event-type', '-')} source={headers.get('source', '-')}"
+    )
+    value = record.value or b""
+    if pretty:
+        with contextlib.suppress(msgspec.DecodeError):
+            value = msgspec.json.format(value, indent=2)
+    return summary + "\n" + value.decode(errors="replace")
+
+
+def matches(record: Any, *, event_type: str | None, key: str | None) -> bool:
+    headers = dict(record.headers or ())
+    if event_type is not None and headers.get("event-type", b"").decode(errors="replace") != event_type:
+        return False
+    return key is None or (record.key or b"").decode(errors="replace") == key
+
+
+async def tail(
+    bootstrap_servers: str,
+    topics: Iterable[str],
+    *,
+    out: IO[str],
+    event_type: str | None = None,
+    key: str | None = None,
+    from_beginning: bool = False,
+    pretty: bool = True,
+    max_records: int | None = None,
+) -> int:
+    """Print matching records as they arrive until cancelled (or ``max_records``); returns how many."""
+    consumer = AIOKafkaConsumer(
+        *sorted(set(topics)),
+        bootstrap_servers=bootstrap_servers,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    shown = 0
+    try:
+        while max_records is None or shown < max_records:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    if matches(record, event_type=event_type, key=key):
+                        print(format_record(record, pretty=pretty), file=out, flush=True)
+                        shown += 1
+            await asyncio.sleep(0)
+    finally:
+        await consumer.stop()
+    return shown

@@ -1,0 +1,185 @@
+"""The real `vod-bridge` process: serve, dev, graceful shutdown, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import Kafka, read_records, sample_bytes, sample_event
+
+from bridge.embedded import EmbeddedBroker, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def bridge_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(BRIDGE_LOG_FORMAT="text", BRIDGE_LOG_LEVEL="INFO", **extra)
+    return env
+
+
+def spawn(args: list[str], env: dict[str, str], logfile: Path) -> subprocess.Popen[bytes]:
+    with logfile.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "bridge", *args], env=env, stdout=out, stderr=out)
+
+
+async def wait_ready(port: int, process: subprocess.Popen[bytes], *, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "the bridge exited during start-up"
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("bridge not ready in time")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def test_serve_publishes_then_drains_in_flight_on_sigterm(
+    kafka: Kafka, topic: str, tmp_path: Path, processes
+) -> None:
+    port = free_port()
+    log = tmp_path / "bridge.log"
+    env = bridge_env(
+        BRIDGE_KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
+        BRIDGE_KAFKA_TOPIC=topic,
+        BRIDGE_KAFKA_ENABLE_IDEMPOTENCE=str(kafka.supports_idempotence).lower(),
+    )
+    process = spawn(["serve", "--port", str(port), "--host", "127.0.0.1"], env, log)
+    processes.append(process)
+    await wait_ready(port, process)
+
+    url = f"http://127.0.0.1:{port}/vod/callback"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=sample_bytes()) as response:
+            assert response.status == 200
+
+        async def post(i: int) -> tuple[str, int | None]:
+            try:
+                async with session.post(url, json=sample_event(f"burst-{i}")) as response:
+                    return f"burst-{i}", response.status
+            except aiohttp.ClientError:
+                return f"burst-{i}", None  # refused after shutdown began: VOD would retry
+
+        burst = [asyncio.create_task(post(i)) for i in range(100)]
+        await asyncio.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*burst)
+
+    assert await asyncio.to_thread(process.wait, 15) == 0
+    output = log.read_text()
+    assert "stopped cleanly" in output
+    assert "kafka producer flushed and closed" in output
+
+    acked = {key for key, status in results if status == 200}
+    assert acked, "some of the burst was in flight when SIGTERM arrived"
+    assert {status for _, status in results} <= {200, 503, None}
+    records = await read_records(kafka.bootstrap_servers, topic, count=1 + len(acked))
+    in_kafka = {r.key.decode() for r in records}
+    assert acked <= in_kafka, f"answered 200 but missing from Kafka: {acked - in_kafka}"
+    assert "125676836723-Pull-f5ac8127b3b6b85cdc13f237c6005d8" in in_kafka
+
+
+async def test_idempotent_producer_on_tansu_fails_start_with_clear_error(tmp_path: Path, processes) -> None:
+    with EmbeddedBroker() as broker:
+        log = tmp_path / "bridge.log"
+        env = bridge_env(
+            BRIDGE_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, BRIDGE_KAFKA_ENABLE_IDEMPOTENCE="true"
+        )
+        process = spawn(["serve", "--port", str(free_port()), "--host", "127.0.0.1"], env, log)
+        processes.append(process)
+        assert await asyncio.to_thread(process.wait, 20) == 3
+    output = log.read_text()
+    assert "refused the idempotent producer" in output
+    assert "BRIDGE_KAFKA_ENABLE_IDEMPOTENCE=false" in output
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "named"),
+    [
+        ({}, ["--port", "http"], "BRIDGE_HTTP_PORT"),
+        ({"BRIDGE_KAFKA_LINGER_MS": "soon"}, [], "BRIDGE_KAFKA_LINGER_MS"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP_SERVERS": "no-port"}, [], "BRIDGE_KAFKA_BOOTSTRAP_SERVERS"),
+        ({"BRIDGE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, [], "BRIDGE_KAFKA_SECURITY_PROTOCOL"),
+    ],
+)
+def test_invalid_configuration_exits_2_naming_the_variable(env, args, named) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", *args],
+        env=bridge_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert named in result.stderr
+
+
+async def test_dev_mode_prints_curl_and_each_record(tmp_path: Path, processes) -> None:
+    port = free_port()
+    log = tmp_path / "dev.log"
+    process = spawn(["dev", "--port", str(port)], bridge_env(), log)
+    processes.append(process)
+    await wait_ready(port, process)
+    output = log.read_text()
+    match = re.search(
+        r"curl -sS -X POST (\S+) -H 'Content-Type: application/json' --data-binary @(\S+)", output
+    )
+    assert match, output
+    url, sample = match.groups()
+    assert url == f"http://127.0.0.1:{port}/vod/callback"
+    curl = await asyncio.to_thread(
+        subprocess.run,
+        [
+            "curl",
+            "-sS",
+            "-X",
+            "POST",
+            url,
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            f"@{sample}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert '"status": "published"' in curl.stdout
+    deadline = time.monotonic() + 10
+    while "key=125676836723-Pull-f5ac8127b3b6b85cdc13f237c6005d8" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        await asyncio.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(process.wait, 15) == 0
+    assert '"Animal World"' in log.read_text()
+
+
+def test_schema_command_prints_the_contract() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "schema"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0
+    assert "PullCompleteEvent" in result.stdout and "event-type" in result.stdout

@@ -1,0 +1,84 @@
+"""Settings from the environment: defaults, overrides, validation messages, secrets never echoed."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.config import ENV_VARS, load_settings
+from bridge.errors import ConfigError
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    s = load_settings({})
+    assert s.kafka.bootstrap_servers == "localhost:9092"
+    assert s.kafka.topic == "vod.events"
+    assert s.kafka.enable_idempotence is True
+    assert (s.http.host, s.http.port, s.http.callback_path) == ("0.0.0.0", 8080, "/vod/callback")
+    assert s.http.max_body_bytes == 1024 * 1024
+
+
+def test_env_values_are_coerced_and_flags_override_env() -> None:
+    s = load_settings(
+        {
+            "BRIDGE_HTTP_PORT": "9000",
+            "BRIDGE_KAFKA_ENABLE_IDEMPOTENCE": "false",
+            "BRIDGE_KAFKA_LINGER_MS": "20",
+            "BRIDGE_KAFKA_TOPIC_ROUTES": "NewFileUpload=vod.uploads, FileDeleted=vod.deletes",
+            "BRIDGE_KAFKA_TOPIC": "from-env",
+        },
+        {"BRIDGE_KAFKA_TOPIC": "from-flag"},
+    )
+    assert s.http.port == 9000
+    assert s.kafka.enable_idempotence is False
+    assert s.kafka.linger_ms == 20
+    assert s.kafka.topic == "from-flag"
+    assert s.kafka.topic_for("NewFileUpload") == "vod.uploads"
+    assert s.kafka.topic_for("PullComplete") == "from-flag"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"BRIDGE_HTTP_PORT": "x"}, "BRIDGE_HTTP_PORT"),
+        ({"BRIDGE_HTTP_PORT": "70000"}, "BRIDGE_HTTP_PORT"),
+        ({"BRIDGE_KAFKA_ENABLE_IDEMPOTENCE": "maybe"}, "BRIDGE_KAFKA_ENABLE_IDEMPOTENCE"),
+        ({"BRIDGE_KAFKA_TOPIC": "bad topic!"}, "BRIDGE_KAFKA_TOPIC"),
+        ({"BRIDGE_KAFKA_TOPIC_ROUTES": "PullComplete"}, "BRIDGE_KAFKA_TOPIC_ROUTES"),
+        ({"BRIDGE_CALLBACK_PATH": "healthz"}, "BRIDGE_CALLBACK_PATH"),
+        ({"BRIDGE_KAFKA_COMPRESSION": "brotli"}, "BRIDGE_KAFKA_COMPRESSION"),
+        ({"BRIDGE_KAFKA_PUBLISH_TIMEOUT_S": "0"}, "BRIDGE_KAFKA_PUBLISH_TIMEOUT_S"),
+        ({"BRIDGE_KAFKA_SASL_MECHANISM": "PLAIN"}, "BRIDGE_KAFKA_SASL_MECHANISM"),
+    ],
+)
+def test_invalid_values_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_settings(env)
+
+
+def test_secrets_are_masked_and_never_in_errors(tmp_path) -> None:
+    secret_file = tmp_path / "pw"
+    secret_file.write_text("s3cr3t-from-file\n")
+    s = load_settings(
+        {
+            "BRIDGE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "BRIDGE_KAFKA_SASL_MECHANISM": "PLAIN",
+            "BRIDGE_KAFKA_SASL_USERNAME": "bridge",
+            "BRIDGE_KAFKA_SASL_PASSWORD_FILE": str(secret_file),
+        }
+    )
+    assert s.kafka.sasl_password == "s3cr3t-from-file"
+    assert "s3cr3t" not in repr(s) and "s3cr3t" not in repr(s.kafka)
+
+
+def test_every_setting_has_one_env_var() -> None:
+    names = [var.name for var in ENV_VARS]
+    assert len(names) == len(set(names))
+    assert all(name.startswith("BRIDGE_") for name in names)
+
+
+def test_readme_documents_every_variable() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [var.name for var in ENV_VARS if f"`{var.name}`" not in readme]
+    assert not missing
