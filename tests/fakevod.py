@@ -1,0 +1,378 @@
+"""A fake Tencent Cloud VOD API 3.0 server (``PullEvents`` / ``ConfirmEvents``) for tests.
+
+It checks the TC3-HMAC-SHA256 signature of every request with its own implementation, written from
+Tencent's "Signature v3" documentation (it does not import ``bridge.vodapi``), and models the reliable
+callback queue: events pulled become invisible for ``visibility_timeout_s``; an event whose handle was not
+confirmed in time is handed out again with a new handle (at-least-once).
+
+Usage::
+
+    async with FakeVod(secret_id="AKID...", secret_key="...") as vod:
+        event_id = vod.add_event({"EventType": "PullComplete", "PullCompleteEvent": {...}})
+        client = VodClient(session, creds, endpoint=vod.endpoint)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["FakeVod", "RecordedRequest", "SignatureRejected", "verify_tc3_signature"]
+
+API_VERSION = "2018-07-17"
+SERVICE = "vod"
+MAX_CONFIRM_HANDLES = 16
+
+
+class SignatureRejected(Exception):
+    """The request is not validly signed; ``code`` is the API 3.0 ``AuthFailure.*`` code to answer."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
+
+
+def verify_tc3_signature(
+    *,
+    method: str,
+    path: str,
+    query: str,
+    headers: dict[str, str],
+    body: bytes,
+    credentials_by_id: dict[str, str],
+    now: float,
+    service: str = SERVICE,
+    max_skew_s: float = 300.0,
+) -> str:
+    """Check a TC3-HMAC-SHA256 request; return its SecretId or raise :class:`SignatureRejected`.
+
+    ``headers`` must have lower-case names. Implements the documented algorithm: canonical headers are the
+    ``SignedHeaders`` listed in ``Authorization``, each ``name:value`` with the value trimmed and
+    lower-cased; canonical query string is the raw query; the payload hash is SHA-256 of the raw body.
+    """
+    auth = headers.get("authorization", "")
+    algorithm, _, rest = auth.partition(" ")
+    if algorithm != "TC3-HMAC-SHA256":
+        raise SignatureRejected("AuthFailure.InvalidAuthorization", "Authorization is not TC3-HMAC-SHA256.")
+    fields: dict[str, str] = {}
+    for part in rest.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep:
+            raise SignatureRejected("AuthFailure.InvalidAuthorization", "Malformed Authorization header.")
+        fields[name] = value
+    try:
+        credential, signed_headers, signature = (
+            fields["Credential"],
+            fields["SignedHeaders"],
+            fields["Signature"],
+        )
+        secret_id, date, scope_service, terminator = credential.split("/")
+    except (KeyError, ValueError):
+        raise SignatureRejected(
+            "AuthFailure.InvalidAuthorization", "Malformed Authorization header."
+        ) from None
+    if terminator != "tc3_request" or scope_service != service:
+        raise SignatureRejected("AuthFailure.InvalidAuthorization", "Bad credential scope.")
+    signed = signed_headers.split(";")
+    if "content-type" not in signed or "host" not in signed or signed != sorted(signed):
+        raise SignatureRejected(
+            "AuthFailure.InvalidAuthorization", "SignedHeaders must include content-type;host."
+        )
+    secret_key = credentials_by_id.get(secret_id)
+    if secret_key is None:
+        raise SignatureRejected("AuthFailure.SecretIdNotFound", "The SecretId is not found.")
+    try:
+        timestamp = int(headers.get("x-tc-timestamp", ""))
+    except ValueError:
+        raise SignatureRejected("AuthFailure.InvalidAuthorization", "X-TC-Timestamp is missing.") from None
+    if abs(now - timestamp) > max_skew_s:
+        raise SignatureRejected("AuthFailure.SignatureExpire", "The signature expired.")
+    if datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%d") != date:
+        raise SignatureRejected("AuthFailure.SignatureFailure", "Credential date does not match timestamp.")
+
+    canonical_headers = "".join(f"{name}:{headers.get(name, '').strip().lower()}\n" for name in signed)
+    canonical_request = (
+        f"{method}\n{path}\n{query}\n{canonical_headers}\n{signed_headers}\n{_sha256_hex(body)}"
+    )
+    string_to_sign = (
+        f"TC3-HMAC-SHA256\n{timestamp}\n{date}/{service}/tc3_request\n"
+        f"{_sha256_hex(canonical_request.encode('utf-8'))}"
+    )
+    key = _hmac(_hmac(_hmac(f"TC3{secret_key}".encode(), date), service), "tc3_request")
+    expected = hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, signature):
+        raise SignatureRejected(
+            "AuthFailure.SignatureFailure",
+            "The provided credentials could not be validated. Please check your signature is correct.",
+        )
+    return secret_id
+
+
+@dataclass
+class _Event:
+    event_id: str
+    content: dict[str, Any]
+    invisible_until: float = 0.0
+    handle: str | None = None
+
+
+@dataclass
+class _Fault:
+    code: str
+    message: str
+    http_status: int = 200
+    raw_body: bytes | None = None
+
+
+@dataclass
+class RecordedRequest:
+    """One request that reached the fake (after the signature check, if it passed)."""
+
+    action: str
+    params: dict[str, Any]
+    outcome: str  # "ok" or the error code answered
+    headers: dict[str, str] = field(repr=False, default_factory=dict)
+
+
+class FakeVod:
+    """In-memory VOD event queue behind a real HTTP server on ``127.0.0.1`` (random port).
+
+    Observable state: ``pulls`` (PullEvents calls that were answered with an ``EventSet``), ``deliveries``
+    (``event_id`` -> times handed out), ``confirmed`` (``(handle, event_id, monotonic time)``),
+    ``rejected_confirms`` (handles that were expired, unknown or already used), ``requests``
+    (:class:`RecordedRequest` for every signed request) and ``last_authorization``.
+
+    Expired handles: the ConfirmEvents docs (product 266 page 33434) say a handle older than 30 s gets "a
+    parameter error (4000)". So, with ``strict_confirms=True`` (default), a ConfirmEvents call containing
+    any expired/unknown handle is answered ``InvalidParameterValue`` -- after the valid handles of the same
+    call have been confirmed (the docs do not say whether the call is all-or-nothing; partial success is
+    the harder case for a client). ``strict_confirms=False`` answers success and only records them.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret_id: str = "AKIDfakeFAKEfake0000",
+        secret_key: str = "fake-secret-key-0000",
+        token: str | None = None,
+        visibility_timeout_s: float = 30.0,
+        max_events_per_pull: int = 16,
+        pull_delay_s: float = 0.0,
+        strict_confirms: bool = True,
+        max_skew_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.secret_id = secret_id
+        self.secret_key = secret_key
+        self.token = token
+        self.visibility_timeout_s = visibility_timeout_s
+        self.max_events_per_pull = max_events_per_pull
+        #: Long poll: when nothing is visible, PullEvents waits up to this long for an event.
+        self.pull_delay_s = pull_delay_s
+        self.strict_confirms = strict_confirms
+        self.max_skew_s = max_skew_s
+        self._clock = clock
+
+        self.pulls = 0
+        self.deliveries: dict[str, int] = {}
+        self.confirmed: list[tuple[str, str, float]] = []
+        self.rejected_confirms: list[str] = []
+        self.requests: list[RecordedRequest] = []
+        self.last_authorization: str | None = None
+
+        self._events: dict[str, _Event] = {}
+        self._handles: dict[str, tuple[str, float]] = {}  # handle -> (event_id, expires_at)
+        self._faults: list[_Fault] = []
+        self._ids = itertools.count(1)
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._runner: web.AppRunner | None = None
+        self.endpoint = ""
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> FakeVod:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._closing = True
+        self._wake()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- test controls ---------------------------------------------------------------------------------------
+
+    def add_event(self, event: dict[str, Any]) -> str:
+        """Queue an ``EventContent`` (without ``EventHandle``); return its id. Wakes long polls."""
+        event_id = f"evt-{next(self._ids)}"
+        content = {k: v for k, v in event.items() if k != "EventHandle"}
+        self._events[event_id] = _Event(event_id, content)
+        self.deliveries.setdefault(event_id, 0)
+        self._wake()
+        return event_id
+
+    def fail_next(self, n: int, code: str = "InternalError", message: str | None = None) -> None:
+        """Answer the next ``n`` signed API calls with ``Response.Error.Code = code`` (HTTP 200)."""
+        self._faults.extend(_Fault(code, message or f"injected {code}") for _ in range(n))
+
+    def fail_next_http(self, n: int, status: int = 502, body: bytes = b"<html>bad gateway</html>") -> None:
+        """Answer the next ``n`` requests with raw HTTP ``status``/``body`` (200 + junk = unparseable)."""
+        self._faults.extend(_Fault("", "", http_status=status, raw_body=body) for _ in range(n))
+
+    @property
+    def pending_ids(self) -> list[str]:
+        """Ids of events not confirmed yet (visible or in flight)."""
+        return list(self._events)
+
+    # -- HTTP ------------------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    @staticmethod
+    def _error(code: str, message: str) -> dict[str, Any]:
+        return {"Error": {"Code": code, "Message": message}}
+
+    def _answer(
+        self, action: str, params: dict[str, Any], headers: dict[str, str], payload: dict[str, Any]
+    ) -> web.Response:
+        """Record the request and wrap ``payload`` as ``{"Response": {..., "RequestId": ...}}`` (HTTP 200)."""
+        outcome = payload["Error"]["Code"] if "Error" in payload else "ok"
+        self.requests.append(RecordedRequest(action, params, outcome, headers))
+        return web.json_response({"Response": {**payload, "RequestId": str(uuid.uuid4())}})
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.last_authorization = headers.get("authorization")
+        action = headers.get("x-tc-action", "")
+        if request.method != "POST":
+            return self._answer(action, {}, headers, self._error("UnsupportedProtocol", "Use POST."))
+        try:
+            verify_tc3_signature(
+                method=request.method,
+                path=request.rel_url.raw_path,
+                query=request.rel_url.raw_query_string,
+                headers=headers,
+                body=body,
+                credentials_by_id={self.secret_id: self.secret_key},
+                now=time.time(),
+                max_skew_s=self.max_skew_s,
+            )
+        except SignatureRejected as exc:
+            return self._answer(action, {}, headers, self._error(exc.code, exc.message))
+        if self.token is not None and headers.get("x-tc-token") != self.token:
+            return self._answer(action, {}, headers, self._error("AuthFailure.TokenFailure", "Bad token."))
+        if headers.get("x-tc-version") != API_VERSION:
+            return self._answer(action, {}, headers, self._error("NoSuchVersion", "Unknown API version."))
+        try:
+            params = json.loads(body) if body else {}
+        except ValueError:
+            params = None
+        if not isinstance(params, dict):
+            return self._answer(
+                action, {}, headers, self._error("InvalidParameter", "Body is not a JSON object.")
+            )
+
+        if self._faults:
+            fault = self._faults.pop(0)
+            if fault.raw_body is not None:
+                self.requests.append(RecordedRequest(action, params, f"HTTP {fault.http_status}", headers))
+                return web.Response(status=fault.http_status, body=fault.raw_body, content_type="text/html")
+            return self._answer(action, params, headers, self._error(fault.code, fault.message))
+
+        if action == "PullEvents":
+            payload = await self._pull_events()
+        elif action == "ConfirmEvents":
+            payload = self._confirm_events(params)
+        else:
+            payload = self._error("InvalidAction", "The action does not exist.")
+        return self._answer(action, params, headers, payload)
+
+    def _visible(self, now: float) -> list[_Event]:
+        return [e for e in self._events.values() if e.invisible_until <= now]
+
+    async def _pull_events(self) -> dict[str, Any]:
+        deadline = self._clock() + self.pull_delay_s
+        visible = self._visible(self._clock())
+        while not visible and not self._closing:
+            now = self._clock()
+            if now >= deadline:
+                break
+            wait = deadline - now
+            in_flight = [e.invisible_until for e in self._events.values()]
+            if in_flight:
+                wait = min(wait, max(0.0, min(in_flight) - now))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+            visible = self._visible(self._clock())
+
+        now = self._clock()
+        event_set = []
+        for event in visible[: self.max_events_per_pull]:
+            handle = f"EH-{uuid.uuid4().hex}"
+            event.handle = handle
+            event.invisible_until = now + self.visibility_timeout_s
+            self._handles[handle] = (event.event_id, event.invisible_until)
+            self.deliveries[event.event_id] = self.deliveries.get(event.event_id, 0) + 1
+            event_set.append({"EventHandle": handle, **event.content})
+        self.pulls += 1
+        return {"EventSet": event_set}
+
+    def _confirm_events(self, params: dict[str, Any]) -> dict[str, Any]:
+        handles = params.get("EventHandles")
+        if handles is None:
+            return self._error("MissingParameter", "EventHandles is required.")
+        if not isinstance(handles, list) or not handles or not all(isinstance(h, str) and h for h in handles):
+            return self._error("InvalidParameterValue", "EventHandles must be a non-empty list of strings.")
+        if len(handles) > MAX_CONFIRM_HANDLES:
+            return self._error(
+                "InvalidParameterValue", f"EventHandles accepts at most {MAX_CONFIRM_HANDLES}."
+            )
+        now = self._clock()
+        rejected = []
+        for handle in handles:
+            event_id, expires_at = self._handles.pop(handle, ("", 0.0))
+            event = self._events.get(event_id)
+            if event is None or now >= expires_at or event.handle != handle:
+                rejected.append(handle)
+                continue
+            del self._events[event_id]
+            self.confirmed.append((handle, event_id, now))
+        self.rejected_confirms.extend(rejected)
+        if rejected and self.strict_confirms:
+            return self._error(
+                "InvalidParameterValue", f"{len(rejected)} event handle(s) expired or do not exist."
+            )
+        return {}
