@@ -7,14 +7,17 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 from aiohttp import web
 
 from .config import Settings
-from .errors import BridgeError
-from .keys import METRICS_KEY, SETTINGS_KEY, SINK_KEY
+from .errors import BridgeError, ConfigError
+from .keys import METRICS_KEY, POLLER_KEY, SETTINGS_KEY, SINK_KEY
 from .metrics import Metrics
+from .poller import Poller
 from .receiver import error_middleware, handle_callback
 from .sink import KafkaSink
+from .vodapi import Credentials, VodClient
 
 logger = logging.getLogger("bridge.app")
 
@@ -28,16 +31,29 @@ def _log_fatal(exc: BaseException) -> None:
 def create_app(
     settings: Settings,
     *,
+    credentials: Credentials | None = None,
     metrics: Metrics | None = None,
     on_fatal: FatalHandler = _log_fatal,
 ) -> web.Application:
     """Build the application. ``on_fatal`` is called when a background resource fails for good (the CLI
-    uses it to stop the process with a non-zero exit); tests keep the default, which only logs."""
+    uses it to stop the process with a non-zero exit); tests keep the default, which only logs.
+
+    Cleanup contexts are registered sink first, poller second, so on shutdown the poller finishes its
+    batch before the producer flushes and closes.
+    """
     app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=[error_middleware])
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = metrics or Metrics()
     app.cleanup_ctx.append(_kafka_sink_ctx(on_fatal))
-    app.router.add_post(settings.http.callback_path, handle_callback)
+    if settings.poller.enabled:
+        if credentials is None:
+            raise ConfigError(
+                "BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY (or their _FILE)"
+            )
+        app.cleanup_ctx.append(_poller_ctx(credentials, on_fatal))
+        app.on_shutdown.append(_stop_poller)
+    if settings.callback_enabled:
+        app.router.add_post(settings.http.callback_path, handle_callback)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -60,6 +76,44 @@ def _kafka_sink_ctx(
         await sink.close()
 
     return kafka_sink
+
+
+def _poller_ctx(credentials: Credentials, on_fatal: FatalHandler) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def vod_poller(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS_KEY]
+        # The one HTTP client session of the process, reused by every VOD API call.
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.poller.request_timeout_s))
+        client = VodClient(
+            session,
+            credentials,
+            endpoint=settings.poller.endpoint,
+            region=settings.poller.region,
+            sub_app_id=settings.poller.sub_app_id,
+            request_timeout_s=settings.poller.request_timeout_s,
+        )
+        poller = Poller(client, app[SINK_KEY], settings.poller, app[METRICS_KEY])
+        app[POLLER_KEY] = poller
+        task = asyncio.create_task(poller.run(), name="vod-poller")
+        task.add_done_callback(lambda task: _report_failure(task, on_fatal))
+        yield
+        poller.stop()
+        try:
+            # The current batch is published and confirmed before the producer closes (it closes after us).
+            await asyncio.wait_for(asyncio.shield(task), timeout=settings.http.shutdown_timeout_s)
+        except TimeoutError:
+            logger.warning("poller did not finish within %.0fs; cancelling it", settings.http.shutdown_timeout_s)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            await session.close()
+
+    return vod_poller
+
+
+async def _stop_poller(app: web.Application) -> None:
+    if POLLER_KEY in app:
+        app[POLLER_KEY].stop()
 
 
 def _report_failure(task: asyncio.Task[None], on_fatal: FatalHandler) -> None:

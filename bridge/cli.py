@@ -28,6 +28,7 @@ from .errors import BridgeError, ConfigError
 from .logs import configure_logging
 from .schema import build_schemas, render, write_schemas
 from .tail import tail
+from .vodapi import Credentials
 
 logger = logging.getLogger("bridge.cli")
 
@@ -71,9 +72,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vod-bridge", description=__doc__.splitlines()[0] if __doc__ else None
-    )
+    parser = argparse.ArgumentParser(prog="vod-bridge", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"vod-kafka-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -101,9 +100,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.command == "schema":
         return _schema(args)
     overrides = {
-        var: str(getattr(args, flag))
-        for flag, var in _FLAG_TO_ENV.items()
-        if getattr(args, flag, None) is not None
+        var: str(getattr(args, flag)) for flag, var in _FLAG_TO_ENV.items() if getattr(args, flag, None) is not None
     }
     try:
         settings = load_settings(env, overrides)
@@ -111,14 +108,28 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.log_level, settings.log_format)
+    if args.command == "tail":
+        return _tail(settings, args)
+    try:
+        credentials = Credentials.from_env(env) if settings.poller.enabled else None
+    except ConfigError as exc:
+        print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    if settings.poller.enabled and credentials is None:
+        print(
+            "vod-bridge: configuration error: BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID and "
+            "TENCENTCLOUD_SECRET_KEY (or their _FILE variants)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if args.command == "serve":
-        return serve(settings)
-    if args.command == "dev":
-        return dev(settings)
-    return _tail(settings, args)
+        return serve(settings, credentials=credentials)
+    return dev(settings, credentials=credentials)
 
 
-def serve(settings: Settings, *, extra_cleanup: Sequence[CleanupCtx] = ()) -> int:
+def serve(
+    settings: Settings, *, credentials: Credentials | None = None, extra_cleanup: Sequence[CleanupCtx] = ()
+) -> int:
     """Run until SIGTERM/SIGINT: stop accepting, finish in-flight publishes, flush, exit 0."""
     failures: list[BaseException] = []
 
@@ -128,7 +139,7 @@ def serve(settings: Settings, *, extra_cleanup: Sequence[CleanupCtx] = ()) -> in
         # run_app turns the signal into its graceful shutdown, the same path as an operator's SIGTERM.
         signal.raise_signal(signal.SIGTERM)
 
-    app = create_app(settings, on_fatal=on_fatal)
+    app = create_app(settings, credentials=credentials, on_fatal=on_fatal)
     for ctx in extra_cleanup:
         app.cleanup_ctx.append(ctx)
     logger.info(
@@ -158,7 +169,7 @@ def serve(settings: Settings, *, extra_cleanup: Sequence[CleanupCtx] = ()) -> in
     return EXIT_OK
 
 
-def dev(settings: Settings) -> int:
+def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
     """`make run`: an embedded tansu broker, the bridge on it, a ready curl line and a live record printer."""
     broker = EmbeddedBroker()
     broker.start()
@@ -167,9 +178,7 @@ def dev(settings: Settings) -> int:
         settings.kafka, bootstrap_servers=broker.bootstrap_servers, enable_idempotence=False
     )
     settings = msgspec.structs.replace(settings, kafka=kafka)
-    logger.info(
-        "embedded tansu broker on %s (in memory; idempotent producer off for tansu)", broker.bootstrap_servers
-    )
+    logger.info("embedded tansu broker on %s (in memory; idempotent producer off for tansu)", broker.bootstrap_servers)
     host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::") else settings.http.host
     url = f"http://{host}:{settings.http.port}{settings.http.callback_path}"
     banner = (
@@ -190,7 +199,7 @@ def dev(settings: Settings) -> int:
             await task
 
     try:
-        return serve(settings, extra_cleanup=[record_printer])
+        return serve(settings, credentials=credentials, extra_cleanup=[record_printer])
     finally:
         broker.stop()
 

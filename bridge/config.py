@@ -68,9 +68,32 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_timeout_s: float = 30.0
 
 
+class PollerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The reliable-callback source: PullEvents -> Kafka -> ConfirmEvents."""
+
+    enabled: bool = False
+    endpoint: str = "https://vod.tencentcloudapi.com"
+    region: str | None = None
+    sub_app_id: int | None = None
+    #: PullEvents long-polls up to ~5 s server-side; Tencent recommends a 10 s client timeout.
+    request_timeout_s: float = 10.0
+    #: Undecodable events go here (raw, error in headers) and are confirmed once this record is acked.
+    dead_letter_topic: str = "vod.events.dlq"
+    #: Pause after an empty PullEvents answer that did not long-poll, to stay well inside API rate limits.
+    idle_interval_s: float = 1.0
+    #: Jittered exponential back-off on API errors and Kafka outages.
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    #: Confirms later than this after the pull are logged as warnings (VOD re-delivers after 30 s).
+    confirm_warn_after_s: float = 20.0
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     kafka: KafkaSettings = KafkaSettings()
     http: HttpSettings = HttpSettings()
+    poller: PollerSettings = PollerSettings()
+    #: The normal-callback receiver; off runs the poller alone (health and metrics are always served).
+    callback_enabled: bool = True
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "auto"
 
@@ -84,9 +107,7 @@ class EnvVar(msgspec.Struct, frozen=True):
 
 
 ENV_VARS: Final = (
-    EnvVar(
-        "BRIDGE_KAFKA_BOOTSTRAP_SERVERS", "kafka.bootstrap_servers", "Kafka bootstrap servers, host:port,..."
-    ),
+    EnvVar("BRIDGE_KAFKA_BOOTSTRAP_SERVERS", "kafka.bootstrap_servers", "Kafka bootstrap servers, host:port,..."),
     EnvVar("BRIDGE_KAFKA_TOPIC", "kafka.topic", "default topic for all event types"),
     EnvVar(
         "BRIDGE_KAFKA_TOPIC_ROUTES",
@@ -114,6 +135,17 @@ ENV_VARS: Final = (
     EnvVar("BRIDGE_CALLBACK_PATH", "http.callback_path", "path VOD posts events to"),
     EnvVar("BRIDGE_HTTP_MAX_BODY_BYTES", "http.max_body_bytes", "larger callbacks get 413"),
     EnvVar("BRIDGE_SHUTDOWN_TIMEOUT_S", "http.shutdown_timeout_s", "drain time after SIGTERM"),
+    EnvVar("BRIDGE_CALLBACK_ENABLED", "callback_enabled", "serve the callback endpoint (true/false)"),
+    EnvVar("BRIDGE_PULL_ENABLED", "poller.enabled", "run the PullEvents poller (true/false)"),
+    EnvVar("BRIDGE_VOD_ENDPOINT", "poller.endpoint", "VOD API endpoint"),
+    EnvVar("BRIDGE_VOD_REGION", "poller.region", "X-TC-Region, if any"),
+    EnvVar("BRIDGE_VOD_SUB_APP_ID", "poller.sub_app_id", "VOD SubAppId, if any"),
+    EnvVar("BRIDGE_VOD_REQUEST_TIMEOUT_S", "poller.request_timeout_s", "VOD API request timeout"),
+    EnvVar("BRIDGE_KAFKA_DEAD_LETTER_TOPIC", "poller.dead_letter_topic", "topic for undecodable events"),
+    EnvVar("BRIDGE_PULL_IDLE_INTERVAL_S", "poller.idle_interval_s", "pause after an empty pull"),
+    EnvVar("BRIDGE_PULL_BACKOFF_INITIAL_S", "poller.backoff_initial_s", "first back-off delay"),
+    EnvVar("BRIDGE_PULL_BACKOFF_MAX_S", "poller.backoff_max_s", "longest back-off delay"),
+    EnvVar("BRIDGE_PULL_CONFIRM_WARN_AFTER_S", "poller.confirm_warn_after_s", "warn on confirms this late"),
     EnvVar("BRIDGE_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING, ERROR"),
     EnvVar("BRIDGE_LOG_FORMAT", "log_format", "auto (text on a terminal), text or json"),
 )
@@ -194,21 +226,37 @@ def _validate(settings: Settings) -> None:
         ),
         (
             not kafka.security_protocol.startswith("SASL")
-            or (
-                kafka.sasl_mechanism is not None
-                and bool(kafka.sasl_username)
-                and kafka.sasl_password is not None
-            ),
+            or (kafka.sasl_mechanism is not None and bool(kafka.sasl_username) and kafka.sasl_password is not None),
             "BRIDGE_KAFKA_SECURITY_PROTOCOL: SASL needs BRIDGE_KAFKA_SASL_MECHANISM, _USERNAME and _PASSWORD",
         ),
         (0 <= http.port <= 65535, "BRIDGE_HTTP_PORT: must be 0..65535"),
         (
-            http.callback_path.startswith("/")
-            and http.callback_path not in ("/healthz", "/readyz", "/metrics"),
+            http.callback_path.startswith("/") and http.callback_path not in ("/healthz", "/readyz", "/metrics"),
             "BRIDGE_CALLBACK_PATH: must start with / and not clash with /healthz, /readyz, /metrics",
         ),
         (http.max_body_bytes >= 1024, "BRIDGE_HTTP_MAX_BODY_BYTES: must be >= 1024"),
         (http.shutdown_timeout_s >= 0, "BRIDGE_SHUTDOWN_TIMEOUT_S: must be >= 0"),
+    ]
+    poller = settings.poller
+    checks += [
+        (
+            poller.endpoint.startswith(("http://", "https://")),
+            "BRIDGE_VOD_ENDPOINT: must be an http(s) URL",
+        ),
+        (poller.request_timeout_s > 0, "BRIDGE_VOD_REQUEST_TIMEOUT_S: must be > 0"),
+        (
+            bool(_TOPIC_RE.match(poller.dead_letter_topic)),
+            "BRIDGE_KAFKA_DEAD_LETTER_TOPIC: not a valid topic",
+        ),
+        (poller.idle_interval_s >= 0, "BRIDGE_PULL_IDLE_INTERVAL_S: must be >= 0"),
+        (
+            0 < poller.backoff_initial_s <= poller.backoff_max_s,
+            "BRIDGE_PULL_BACKOFF_INITIAL_S: must be > 0 and <= BRIDGE_PULL_BACKOFF_MAX_S",
+        ),
+        (
+            settings.callback_enabled or poller.enabled,
+            "BRIDGE_CALLBACK_ENABLED: with the poller off too, the bridge would have no source",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -80,9 +80,7 @@ class UpstreamError(BridgeError):
     status = HTTPStatus.BAD_GATEWAY
     code = "upstream_error"
 
-    def __init__(
-        self, message: str, *, api_code: str = "", request_id: str = "", retriable: bool = True
-    ) -> None:
+    def __init__(self, message: str, *, api_code: str = "", request_id: str = "", retriable: bool = True) -> None:
         super().__init__(message)
         self.api_code = api_code
         self.request_id = request_id

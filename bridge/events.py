@@ -185,16 +185,12 @@ EVENT_TYPES: Final[Mapping[str, EventSpec]] = {
     "ConcatComplete": EventSpec("ConcatCompleteEvent", TaskEvent, "TaskId"),
     "CreateSnapshotByTimeOffsetComplete": EventSpec("SnapshotByTimeOffsetCompleteEvent", TaskEvent, "TaskId"),
     "WechatPublishComplete": EventSpec("WechatPublishCompleteEvent", TaskEvent, "TaskId"),
-    "WechatMiniProgramPublishComplete": EventSpec(
-        "WechatMiniProgramPublishCompleteEvent", TaskEvent, "TaskId"
-    ),
+    "WechatMiniProgramPublishComplete": EventSpec("WechatMiniProgramPublishCompleteEvent", TaskEvent, "TaskId"),
     "RemoveWatermark": EventSpec("RemoveWatermarkCompleteEvent", TaskEvent, "TaskId"),
     "RestoreMediaComplete": EventSpec("RestoreMediaCompleteEvent", FileIdEvent, "FileId"),
     "RebuildMediaComplete": EventSpec("RebuildMediaCompleteEvent", TaskEvent, "TaskId"),
     "ExtractTraceWatermarkComplete": EventSpec("ExtractTraceWatermarkCompleteEvent", TaskEvent, "TaskId"),
-    "ExtractCopyRightWatermarkComplete": EventSpec(
-        "ExtractCopyRightWatermarkCompleteEvent", TaskEvent, "TaskId"
-    ),
+    "ExtractCopyRightWatermarkComplete": EventSpec("ExtractCopyRightWatermarkCompleteEvent", TaskEvent, "TaskId"),
     "ReviewAudioVideoComplete": EventSpec("ReviewAudioVideoCompleteEvent", TaskEvent, "TaskId"),
     "DescribeFileAttributesComplete": EventSpec("DescribeFileAttributesCompleteEvent", TaskEvent, "TaskId"),
     "QualityInspectComplete": EventSpec("QualityInspectCompleteEvent", TaskEvent, "TaskId"),
@@ -213,12 +209,8 @@ EVENT_TYPES: Final[Mapping[str, EventSpec]] = {
     "CreateAigcAdvancedCustomElementCompleteEvent": EventSpec(
         "CreateAigcAdvancedCustomElementCompleteEvent", TaskEvent, "TaskId"
     ),
-    "CreateAigcCustomVoiceCompleteEvent": EventSpec(
-        "CreateAigcCustomVoiceCompleteEvent", TaskEvent, "TaskId"
-    ),
-    "DescribeAigcFaceInfoAsyncComplete": EventSpec(
-        "DescribeAigcFaceInfoAsyncCompleteEvent", TaskEvent, "TaskId"
-    ),
+    "CreateAigcCustomVoiceCompleteEvent": EventSpec("CreateAigcCustomVoiceCompleteEvent", TaskEvent, "TaskId"),
+    "DescribeAigcFaceInfoAsyncComplete": EventSpec("DescribeAigcFaceInfoAsyncCompleteEvent", TaskEvent, "TaskId"),
     # The SDK documents no id for this payload: it is keyed by content hash.
     "ProcessImageAsyncCompleteEvent": EventSpec("ProcessImageAsyncCompleteEvent", OpaqueEvent, None),
 }

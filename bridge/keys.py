@@ -6,8 +6,10 @@ from aiohttp import web
 
 from .config import Settings
 from .metrics import Metrics
+from .poller import Poller
 from .sink import Sink
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 SINK_KEY = web.AppKey("sink", Sink)
+POLLER_KEY = web.AppKey("poller", Poller)

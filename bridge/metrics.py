@@ -24,14 +24,32 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.received = Counter(
-            "vod_bridge_events_received", "Events received", ["source", "event_type"], registry=r
-        )
+        self.received = Counter("vod_bridge_events_received", "Events received", ["source", "event_type"], registry=r)
         self.published = Counter(
             "vod_bridge_events_published", "Events acked by Kafka", ["source", "event_type"], registry=r
         )
         self.rejected = Counter(
             "vod_bridge_events_rejected", "Inputs rejected, by reason", ["source", "reason"], registry=r
+        )
+        self.dead_lettered = Counter(
+            "vod_bridge_events_dead_lettered",
+            "Undecodable events sent to the dead-letter topic",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.pulls = Counter("vod_bridge_poller_pulls", "PullEvents calls, by outcome", ["outcome"], registry=r)
+        self.pulled_events = Counter("vod_bridge_poller_events_pulled", "Events returned by PullEvents", registry=r)
+        self.confirmed_events = Counter(
+            "vod_bridge_poller_events_confirmed", "Event handles confirmed with ConfirmEvents", registry=r
+        )
+        self.confirm_errors = Counter(
+            "vod_bridge_poller_confirm_errors", "Failed ConfirmEvents calls", ["code"], registry=r
+        )
+        self.confirm_age = Histogram(
+            "vod_bridge_poller_confirm_age_seconds",
+            "Time from PullEvents answer to ConfirmEvents success (VOD re-delivers after 30 s)",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 25, 30),
+            registry=r,
         )
         self.publish_failed = Counter(
             "vod_bridge_publish_failures", "Publishes not acked by Kafka", ["source", "code"], registry=r
@@ -43,9 +61,7 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("vod_bridge_publish_in_flight", "Publishes awaiting an ack", registry=r)
-        self.kafka_connected = Gauge(
-            "vod_bridge_kafka_connected", "1 when the producer is connected", registry=r
-        )
+        self.kafka_connected = Gauge("vod_bridge_kafka_connected", "1 when the producer is connected", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -46,6 +46,17 @@ class Sink(Protocol):
         self, event: VodEvent, *, source: Source, received_at: datetime, topic: str | None = None
     ) -> Ack: ...
 
+    async def publish_dead_letter(
+        self,
+        raw: bytes,
+        *,
+        topic: str,
+        reason: str,
+        error: str,
+        event_handle: str | None,
+        received_at: datetime,
+    ) -> Ack: ...
+
 
 class IdempotenceUnsupported(ConfigError):
     """The broker rejected the idempotent producer's InitProducerId request."""
@@ -164,17 +175,47 @@ class KafkaSink:
             await producer.stop()
             logger.info("kafka producer flushed and closed")
 
-    async def publish(
-        self, event: VodEvent, *, source: Source, received_at: datetime, topic: str | None = None
+    async def publish(self, event: VodEvent, *, source: Source, received_at: datetime, topic: str | None = None) -> Ack:
+        """Send one event record and wait for the broker ack. Returns the ack; raises :class:`PublishFailed`."""
+        headers = record_headers(event, source=source, received_at=received_at)
+        target = topic or self._settings.topic_for(event.event_type)
+        ack = await self._send(target, event.key.encode(), event.value, headers, source=source)
+        self._metrics.published.labels(source, event_type_label(event.event_type)).inc()
+        return ack
+
+    async def publish_dead_letter(
+        self,
+        raw: bytes,
+        *,
+        topic: str,
+        reason: str,
+        error: str,
+        event_handle: str | None,
+        received_at: datetime,
     ) -> Ack:
-        """Send one record and wait for the broker ack. Returns the ack; raises :class:`PublishFailed`."""
+        """Send an undecodable event verbatim to the dead-letter topic, with the error in headers; returns
+        only after the broker ack."""
+        headers = [
+            ("source", b"pull"),
+            ("received-at", rfc3339_utc(received_at).encode()),
+            ("error-reason", reason.encode()),
+            ("error", error[:1000].encode()),
+        ]
+        if event_handle is not None:
+            headers.append(("event-handle", event_handle.encode()))
+        key = event_handle.encode() if event_handle is not None else None
+        ack = await self._send(topic, key, raw, headers, source="pull")
+        self._metrics.dead_lettered.labels("pull", reason).inc()
+        return ack
+
+    async def _send(
+        self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]], *, source: Source
+    ) -> Ack:
         producer = self._producer
         if producer is None:
             raise NotReady("kafka producer is not connected yet")
         if self._in_flight >= self._settings.max_in_flight:
             raise Overloaded(f"{self._in_flight} publishes already awaiting a Kafka ack", retry_after_s=1)
-        headers = record_headers(event, source=source, received_at=received_at)
-        target = topic or self._settings.topic_for(event.event_type)
         self._in_flight += 1
         self._metrics.in_flight.inc()
         started = time.perf_counter()
@@ -182,21 +223,20 @@ class KafkaSink:
             # Bounds both the wait for buffer space/metadata in send() and the wait for the ack; a record
             # already handed to the producer may still be delivered later (at-least-once, same key).
             async with asyncio.timeout(self._settings.publish_timeout_s):
-                delivery = await producer.send(target, event.value, key=event.key.encode(), headers=headers)
+                delivery = await producer.send(topic, value, key=key, headers=headers)
                 ack: Ack = await delivery
         except TimeoutError:
             self._metrics.publish_failed.labels(source, "timeout").inc()
             raise PublishFailed(
-                f"no Kafka ack within {self._settings.publish_timeout_s:g}s for topic {target}"
+                f"no Kafka ack within {self._settings.publish_timeout_s:g}s for topic {topic}"
             ) from None
         except KafkaError as exc:
             self._metrics.publish_failed.labels(source, type(exc).__name__).inc()
             raise PublishFailed(
-                f"kafka error for topic {target}: {type(exc).__name__}", retriable=bool(exc.retriable)
+                f"kafka error for topic {topic}: {type(exc).__name__}", retriable=bool(exc.retriable)
             ) from exc
         finally:
             self._in_flight -= 1
             self._metrics.in_flight.dec()
         self._metrics.publish_latency.observe(time.perf_counter() - started)
-        self._metrics.published.labels(source, event_type_label(event.event_type)).inc()
         return ack

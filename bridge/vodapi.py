@@ -136,9 +136,7 @@ class Credentials:
                 if secret_id
                 else ("TENCENTCLOUD_SECRET_KEY", "TENCENTCLOUD_SECRET_ID")
             )
-            raise ConfigError(
-                f"{present} is set but {missing} (or {missing}_FILE) is not; set both or neither"
-            )
+            raise ConfigError(f"{present} is set but {missing} (or {missing}_FILE) is not; set both or neither")
         try:
             return cls(secret_id=secret_id, secret_key=secret_key, token=token or None)
         except ValueError as exc:
@@ -275,9 +273,7 @@ class VodApiError(UpstreamError):
 
     code = "vod_api_error"
 
-    def __init__(
-        self, message: str, *, api_code: str, request_id: str, retriable: bool, action: str = ""
-    ) -> None:
+    def __init__(self, message: str, *, api_code: str, request_id: str, retriable: bool, action: str = "") -> None:
         super().__init__(message, api_code=api_code, request_id=request_id, retriable=retriable)
         self.action = action
 
@@ -449,17 +445,13 @@ class VodClient:
         handle_list = list(handles)
         if not all(isinstance(h, str) and h for h in handle_list):
             raise ValueError("event handles must be non-empty strings")
-        payload = _ENCODER.encode(
-            _ConfirmEventsRequest(event_handles=handle_list, sub_app_id=self._sub_app_id)
-        )
+        payload = _ENCODER.encode(_ConfirmEventsRequest(event_handles=handle_list, sub_app_id=self._sub_app_id))
         body = await self._call("ConfirmEvents", payload)
         envelope = self._decode(_CONFIRM_DECODER, "ConfirmEvents", body)
         response = envelope.response
         if response.error is not None:
             raise self._api_error("ConfirmEvents", response.error, response.request_id)
-        logger.debug(
-            "ConfirmEvents confirmed %d handle(s) (RequestId %s)", len(handle_list), response.request_id
-        )
+        logger.debug("ConfirmEvents confirmed %d handle(s) (RequestId %s)", len(handle_list), response.request_id)
 
     # -- internals -----------------------------------------------------------------------------------------
 
@@ -495,9 +487,7 @@ class VodClient:
             raise
         except TimeoutError:
             logger.debug("%s: timed out after %.3fs", action, time.monotonic() - started)
-            raise VodTransportError(
-                f"VOD {action}: no answer within {self._timeout.total}s", action=action
-            ) from None
+            raise VodTransportError(f"VOD {action}: no answer within {self._timeout.total}s", action=action) from None
         except aiohttp.ClientError as exc:
             # Only the exception class and its str(): aiohttp's repr of some errors embeds the request
             # headers (Authorization, X-TC-Token), so the original is not chained either.
@@ -515,9 +505,7 @@ class VodClient:
         async for chunk in resp.content.iter_chunked(64 * 1024):
             size += len(chunk)
             if size > MAX_RESPONSE_BYTES:
-                raise VodTransportError(
-                    f"VOD {action}: response larger than {MAX_RESPONSE_BYTES} bytes", action=action
-                )
+                raise VodTransportError(f"VOD {action}: response larger than {MAX_RESPONSE_BYTES} bytes", action=action)
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -89,16 +89,12 @@ def verify_tc3_signature(
         )
         secret_id, date, scope_service, terminator = credential.split("/")
     except (KeyError, ValueError):
-        raise SignatureRejected(
-            "AuthFailure.InvalidAuthorization", "Malformed Authorization header."
-        ) from None
+        raise SignatureRejected("AuthFailure.InvalidAuthorization", "Malformed Authorization header.") from None
     if terminator != "tc3_request" or scope_service != service:
         raise SignatureRejected("AuthFailure.InvalidAuthorization", "Bad credential scope.")
     signed = signed_headers.split(";")
     if "content-type" not in signed or "host" not in signed or signed != sorted(signed):
-        raise SignatureRejected(
-            "AuthFailure.InvalidAuthorization", "SignedHeaders must include content-type;host."
-        )
+        raise SignatureRejected("AuthFailure.InvalidAuthorization", "SignedHeaders must include content-type;host.")
     secret_key = credentials_by_id.get(secret_id)
     if secret_key is None:
         raise SignatureRejected("AuthFailure.SecretIdNotFound", "The SecretId is not found.")
@@ -112,12 +108,9 @@ def verify_tc3_signature(
         raise SignatureRejected("AuthFailure.SignatureFailure", "Credential date does not match timestamp.")
 
     canonical_headers = "".join(f"{name}:{headers.get(name, '').strip().lower()}\n" for name in signed)
-    canonical_request = (
-        f"{method}\n{path}\n{query}\n{canonical_headers}\n{signed_headers}\n{_sha256_hex(body)}"
-    )
+    canonical_request = f"{method}\n{path}\n{query}\n{canonical_headers}\n{signed_headers}\n{_sha256_hex(body)}"
     string_to_sign = (
-        f"TC3-HMAC-SHA256\n{timestamp}\n{date}/{service}/tc3_request\n"
-        f"{_sha256_hex(canonical_request.encode('utf-8'))}"
+        f"TC3-HMAC-SHA256\n{timestamp}\n{date}/{service}/tc3_request\n{_sha256_hex(canonical_request.encode('utf-8'))}"
     )
     key = _hmac(_hmac(_hmac(f"TC3{secret_key}".encode(), date), service), "tc3_request")
     expected = hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -301,9 +294,7 @@ class FakeVod:
         except ValueError:
             params = None
         if not isinstance(params, dict):
-            return self._answer(
-                action, {}, headers, self._error("InvalidParameter", "Body is not a JSON object.")
-            )
+            return self._answer(action, {}, headers, self._error("InvalidParameter", "Body is not a JSON object."))
 
         if self._faults:
             fault = self._faults.pop(0)
@@ -357,9 +348,7 @@ class FakeVod:
         if not isinstance(handles, list) or not handles or not all(isinstance(h, str) and h for h in handles):
             return self._error("InvalidParameterValue", "EventHandles must be a non-empty list of strings.")
         if len(handles) > MAX_CONFIRM_HANDLES:
-            return self._error(
-                "InvalidParameterValue", f"EventHandles accepts at most {MAX_CONFIRM_HANDLES}."
-            )
+            return self._error("InvalidParameterValue", f"EventHandles accepts at most {MAX_CONFIRM_HANDLES}.")
         now = self._clock()
         rejected = []
         for handle in handles:
@@ -372,7 +361,5 @@ class FakeVod:
             self.confirmed.append((handle, event_id, now))
         self.rejected_confirms.extend(rejected)
         if rejected and self.strict_confirms:
-            return self._error(
-                "InvalidParameterValue", f"{len(rejected)} event handle(s) expired or do not exist."
-            )
+            return self._error("InvalidParameterValue", f"{len(rejected)} event handle(s) expired or do not exist.")
         return {}

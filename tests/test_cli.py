@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def bridge_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "TENCENTCLOUD_"))}
     env.update(BRIDGE_LOG_FORMAT="text", BRIDGE_LOG_LEVEL="INFO", **extra)
     return env
 
@@ -123,6 +123,9 @@ async def test_idempotent_producer_on_tansu_fails_start_with_clear_error(tmp_pat
         ({"BRIDGE_KAFKA_LINGER_MS": "soon"}, [], "BRIDGE_KAFKA_LINGER_MS"),
         ({"BRIDGE_KAFKA_BOOTSTRAP_SERVERS": "no-port"}, [], "BRIDGE_KAFKA_BOOTSTRAP_SERVERS"),
         ({"BRIDGE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, [], "BRIDGE_KAFKA_SECURITY_PROTOCOL"),
+        ({"BRIDGE_PULL_ENABLED": "true"}, [], "TENCENTCLOUD_SECRET_ID"),
+        ({"BRIDGE_PULL_ENABLED": "true", "TENCENTCLOUD_SECRET_ID": "AKIDonly"}, [], "TENCENTCLOUD_SECRET_KEY"),
+        ({"BRIDGE_CALLBACK_ENABLED": "false"}, [], "BRIDGE_CALLBACK_ENABLED"),
     ],
 )
 def test_invalid_configuration_exits_2_naming_the_variable(env, args, named) -> None:
@@ -144,9 +147,7 @@ async def test_dev_mode_prints_curl_and_each_record(tmp_path: Path, processes) -
     processes.append(process)
     await wait_ready(port, process)
     output = log.read_text()
-    match = re.search(
-        r"curl -sS -X POST (\S+) -H 'Content-Type: application/json' --data-binary @(\S+)", output
-    )
+    match = re.search(r"curl -sS -X POST (\S+) -H 'Content-Type: application/json' --data-binary @(\S+)", output)
     assert match, output
     url, sample = match.groups()
     assert url == f"http://127.0.0.1:{port}/vod/callback"
@@ -178,8 +179,6 @@ async def test_dev_mode_prints_curl_and_each_record(tmp_path: Path, processes) -
 
 
 def test_schema_command_prints_the_contract() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bridge", "schema"], capture_output=True, text=True, timeout=30
-    )
+    result = subprocess.run([sys.executable, "-m", "bridge", "schema"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert "PullCompleteEvent" in result.stdout and "event-type" in result.stdout

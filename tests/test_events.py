@@ -76,9 +76,7 @@ class TestLossless:
 
     def test_optional_fields_may_be_absent_or_null(self) -> None:
         event = decode_event(
-            encode(
-                {"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "t", "MediaBasicInfo": None}}
-            )
+            encode({"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "t", "MediaBasicInfo": None}})
         )
         assert event.key == "t"
         assert isinstance(event.payload, PullCompleteEvent)

@@ -16,14 +16,10 @@ from bridge.keys import METRICS_KEY
 pytestmark = pytest.mark.integration
 
 
-async def test_seed_event_is_published_keyed_by_task_id(
-    kafka: Kafka, make_settings, make_client, topic
-) -> None:
+async def test_seed_event_is_published_keyed_by_task_id(kafka: Kafka, make_settings, make_client, topic) -> None:
     client = await make_client(make_settings())
     before = datetime.now(UTC)
-    response = await client.post(
-        "/vod/callback", data=sample_bytes(), headers={"Content-Type": "application/json"}
-    )
+    response = await client.post("/vod/callback", data=sample_bytes(), headers={"Content-Type": "application/json"})
     assert response.status == 200
     body = await response.json()
     assert body["status"] == "published" and body["topic"] == topic
@@ -42,9 +38,7 @@ async def test_seed_event_is_published_keyed_by_task_id(
     assert before - timedelta(seconds=1) <= received_at <= datetime.now(UTC)
 
 
-async def test_unknown_fields_and_types_reach_kafka_unchanged(
-    kafka: Kafka, make_settings, make_client, topic
-):
+async def test_unknown_fields_and_types_reach_kafka_unchanged(kafka: Kafka, make_settings, make_client, topic):
     client = await make_client(make_settings())
     known = sample_event("t-known")
     known["PullCompleteEvent"]["AddedByVodTomorrow"] = {"nested": [1, "two"]}
@@ -67,9 +61,7 @@ BAD_BODIES = [
 ]
 
 
-async def test_bad_inputs_get_400_and_publish_nothing(
-    kafka: Kafka, make_settings, make_client, topic
-) -> None:
+async def test_bad_inputs_get_400_and_publish_nothing(kafka: Kafka, make_settings, make_client, topic) -> None:
     client = await make_client(make_settings())
     for body, named in BAD_BODIES:
         response = await client.post("/vod/callback", data=body, headers={"Content-Type": "application/json"})

@@ -175,9 +175,7 @@ def test_sign_request_shape_and_hmac_chain() -> None:
     canonical += hashlib.sha256(b"{}").hexdigest()
     to_sign = "TC3-HMAC-SHA256\n1551113065\n2019-02-25/vod/tc3_request\n"
     to_sign += hashlib.sha256(canonical.encode()).hexdigest()
-    assert headers["Authorization"].endswith(
-        "Signature=" + Sign.sign_tc3(SECRET_KEY, "2019-02-25", "vod", to_sign)
-    )
+    assert headers["Authorization"].endswith("Signature=" + Sign.sign_tc3(SECRET_KEY, "2019-02-25", "vod", to_sign))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -202,9 +200,7 @@ def _client(session: aiohttp.ClientSession, vod: FakeVod, **kwargs: Any) -> VodC
     return VodClient(session, creds, endpoint=vod.endpoint, **kwargs)
 
 
-async def test_pull_returns_raw_events_and_confirm_removes_them(
-    session: aiohttp.ClientSession, vod: FakeVod
-) -> None:
+async def test_pull_returns_raw_events_and_confirm_removes_them(session: aiohttp.ClientSession, vod: FakeVod) -> None:
     queued = {vod.add_event(_event(f"task-{i}")): _event(f"task-{i}") for i in range(3)}
     client = _client(session, vod)
 
@@ -256,9 +252,7 @@ async def test_unconfirmed_event_is_redelivered_with_new_handle(session: aiohttp
         old_handle = json.loads(first[0])["EventHandle"]
         new_handle = json.loads(second[0])["EventHandle"]
         assert new_handle != old_handle
-        assert {k: v for k, v in json.loads(second[0]).items() if k != "EventHandle"} == _event(
-            "task-redeliver"
-        )
+        assert {k: v for k, v in json.loads(second[0]).items() if k != "EventHandle"} == _event("task-redeliver")
         assert vod.deliveries[event_id] == 2
 
         # The expired handle is refused (parameter error, not retriable) ...
@@ -331,9 +325,7 @@ async def test_clock_skew_is_signature_expire(session: aiohttp.ClientSession, vo
     assert excinfo.value.api_code == "AuthFailure.SignatureExpire"
 
 
-async def test_fail_next_gives_retriable_errors_then_recovers(
-    session: aiohttp.ClientSession, vod: FakeVod
-) -> None:
+async def test_fail_next_gives_retriable_errors_then_recovers(session: aiohttp.ClientSession, vod: FakeVod) -> None:
     client = _client(session, vod)
     vod.fail_next(2)
     for _ in range(2):
@@ -391,9 +383,7 @@ def _closed_port() -> int:
 
 
 async def test_connection_refused_is_transport_error(session: aiohttp.ClientSession) -> None:
-    client = VodClient(
-        session, Credentials(SECRET_ID, SECRET_KEY), endpoint=f"http://127.0.0.1:{_closed_port()}"
-    )
+    client = VodClient(session, Credentials(SECRET_ID, SECRET_KEY), endpoint=f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(VodTransportError) as excinfo:
         await client.pull_events()
     assert excinfo.value.retriable is True
@@ -429,9 +419,7 @@ def test_endpoint_validation() -> None:
     assert VodClient(fake_session, creds, endpoint="https://VOD.example.com:443").endpoint == (
         "https://vod.example.com/"
     )
-    assert (
-        VodClient(fake_session, creds, endpoint="http://127.0.0.1:8080/").endpoint == "http://127.0.0.1:8080/"
-    )
+    assert VodClient(fake_session, creds, endpoint="http://127.0.0.1:8080/").endpoint == "http://127.0.0.1:8080/"
     for bad in (
         "ftp://vod.tencentcloudapi.com",
         "vod.tencentcloudapi.com",
@@ -492,9 +480,7 @@ async def test_no_secret_leaks_into_errors_or_logs(
     caplog.set_level(logging.DEBUG)
     errors: list[BaseException] = []
     authorizations: list[str] = []
-    async with FakeVod(
-        secret_id=SECRET_ID, secret_key=SECRET_KEY, token=TOKEN, visibility_timeout_s=0.05
-    ) as vod:
+    async with FakeVod(secret_id=SECRET_ID, secret_key=SECRET_KEY, token=TOKEN, visibility_timeout_s=0.05) as vod:
         good = _client(session, vod, credentials=Credentials(SECRET_ID, SECRET_KEY, TOKEN))
         bad_key = _client(session, vod, credentials=Credentials(SECRET_ID, SECRET_KEY + "x", TOKEN))
         bad_token = _client(session, vod, credentials=Credentials(SECRET_ID, SECRET_KEY, TOKEN[::-1]))
@@ -565,9 +551,7 @@ def test_from_env_token_alone_is_ignored(caplog: pytest.LogCaptureFixture) -> No
 
 
 def test_from_env_plain_variables() -> None:
-    creds = Credentials.from_env(
-        {"TENCENTCLOUD_SECRET_ID": SECRET_ID, "TENCENTCLOUD_SECRET_KEY": f" {SECRET_KEY} "}
-    )
+    creds = Credentials.from_env({"TENCENTCLOUD_SECRET_ID": SECRET_ID, "TENCENTCLOUD_SECRET_KEY": f" {SECRET_KEY} "})
     assert creds == Credentials(SECRET_ID, SECRET_KEY, None)
     creds = Credentials.from_env(
         {
@@ -633,9 +617,7 @@ def test_from_env_variable_and_file_together_is_an_error(secret_files: dict[str,
 def test_from_env_unreadable_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(ConfigError, match="TENCENTCLOUD_SECRET_KEY_FILE"):
-        Credentials.from_env(
-            {"TENCENTCLOUD_SECRET_ID": SECRET_ID, "TENCENTCLOUD_SECRET_KEY_FILE": str(missing)}
-        )
+        Credentials.from_env({"TENCENTCLOUD_SECRET_ID": SECRET_ID, "TENCENTCLOUD_SECRET_KEY_FILE": str(missing)})
 
 
 def test_from_env_malformed_value_does_not_echo_it(tmp_path: Path) -> None:
