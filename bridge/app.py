@@ -6,13 +6,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from .auth import SourceFilter, parse_networks
 from .config import Settings
+from .dedup import DedupWindow
 from .errors import BridgeError, ConfigError
-from .keys import METRICS_KEY, POLLER_KEY, SETTINGS_KEY, SINK_KEY
+from .keys import DEDUP_KEY, METRICS_KEY, POLLER_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY
+from .logs import RedactingAccessLogger
 from .metrics import Metrics
 from .poller import Poller
 from .receiver import error_middleware, handle_callback
@@ -44,6 +48,9 @@ def create_app(
     app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=[error_middleware])
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = metrics or Metrics()
+    http = settings.http
+    app[SOURCE_FILTER_KEY] = SourceFilter(parse_networks(http.allowed_cidrs), parse_networks(http.trusted_proxies))
+    app[DEDUP_KEY] = DedupWindow(http.dedup_window_s, http.dedup_max_entries) if http.dedup_window_s > 0 else None
     app.cleanup_ctx.append(_kafka_sink_ctx(on_fatal))
     if settings.poller.enabled:
         if credentials is None:
@@ -53,11 +60,18 @@ def create_app(
         app.cleanup_ctx.append(_poller_ctx(credentials, on_fatal))
         app.on_shutdown.append(_stop_poller)
     if settings.callback_enabled:
-        app.router.add_post(settings.http.callback_path, handle_callback)
+        app.router.add_post(http.callback_path, handle_callback)
+        if http.token is not None:
+            app.router.add_post(http.callback_path.rstrip("/") + "/{token}", handle_callback)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     return app
+
+
+def runner_options() -> dict[str, Any]:
+    """Options for ``web.run_app``/``AppRunner``: access lines at DEBUG only, with secrets redacted."""
+    return {"access_log_class": RedactingAccessLogger, "access_log": logging.getLogger("bridge.access")}
 
 
 def _kafka_sink_ctx(
@@ -91,7 +105,7 @@ def _poller_ctx(credentials: Credentials, on_fatal: FatalHandler) -> Callable[[w
             sub_app_id=settings.poller.sub_app_id,
             request_timeout_s=settings.poller.request_timeout_s,
         )
-        poller = Poller(client, app[SINK_KEY], settings.poller, app[METRICS_KEY])
+        poller = Poller(client, app[SINK_KEY], settings.poller, app[METRICS_KEY], dedup=app[DEDUP_KEY])
         app[POLLER_KEY] = poller
         task = asyncio.create_task(poller.run(), name="vod-poller")
         task.add_done_callback(lambda task: _report_failure(task, on_fatal))

@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import web
 
 from . import __version__
-from .app import create_app
+from .app import create_app, runner_options
 from .config import Settings, load_settings
 from .embedded import EmbeddedBroker
 from .errors import BridgeError, ConfigError
@@ -158,7 +158,7 @@ def serve(
             port=settings.http.port,
             shutdown_timeout=settings.http.shutdown_timeout_s,
             print=None,
-            access_log=None,
+            **runner_options(),
         )
     except (OSError, BridgeError) as exc:
         logger.critical("failed: %s", exc)

@@ -14,6 +14,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from .auth import parse_networks
 from .errors import ConfigError
 
 CompressionType = Literal["none", "gzip"]
@@ -50,10 +51,7 @@ class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_in_flight: int = 1000
 
     def __repr__(self) -> str:
-        shown = {f: getattr(self, f) for f in self.__struct_fields__}
-        if shown["sasl_password"] is not None:
-            shown["sasl_password"] = "***"
-        return "KafkaSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+        return _masked_repr(self, ("sasl_password",))
 
     def topic_for(self, event_type: str) -> str:
         return self.topic_routes.get(event_type, self.topic)
@@ -66,6 +64,30 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1024 * 1024
     #: Graceful shutdown: how long in-flight callbacks may take to finish after SIGTERM.
     shutdown_timeout_s: float = 30.0
+    #: VOD's SignKey: when set, every callback must carry a valid Sign/T (401 otherwise).
+    sign_key: str | None = None
+    #: How far past its expiry T a signed callback is still accepted (clock differences).
+    sign_skew_s: float = 60.0
+    #: When set, callbacks must carry it as ``?token=...`` or as a last path segment.
+    token: str | None = None
+    #: Source addresses allowed to post callbacks (CIDRs); empty allows all.
+    allowed_cidrs: list[str] = []
+    #: Proxies whose X-Forwarded-For is believed when finding the client address.
+    trusted_proxies: list[str] = []
+    #: Suppress repeats of (EventType, key, Status) within this window; 0 turns it off.
+    dedup_window_s: float = 0.0
+    dedup_max_entries: int = 100_000
+
+    def __repr__(self) -> str:
+        return _masked_repr(self, ("sign_key", "token"))
+
+
+def _masked_repr(settings: msgspec.Struct, secret_fields: tuple[str, ...]) -> str:
+    shown = {f: getattr(settings, f) for f in settings.__struct_fields__}
+    for name in secret_fields:
+        if shown[name] is not None:
+            shown[name] = "***"
+    return f"{type(settings).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 class PollerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,6 +157,13 @@ ENV_VARS: Final = (
     EnvVar("BRIDGE_CALLBACK_PATH", "http.callback_path", "path VOD posts events to"),
     EnvVar("BRIDGE_HTTP_MAX_BODY_BYTES", "http.max_body_bytes", "larger callbacks get 413"),
     EnvVar("BRIDGE_SHUTDOWN_TIMEOUT_S", "http.shutdown_timeout_s", "drain time after SIGTERM"),
+    EnvVar("BRIDGE_CALLBACK_SIGN_KEY", "http.sign_key", "VOD SignKey; requires valid Sign/T", secret=True),
+    EnvVar("BRIDGE_CALLBACK_SIGN_SKEW_S", "http.sign_skew_s", "accepted lateness past T"),
+    EnvVar("BRIDGE_CALLBACK_TOKEN", "http.token", "secret token in the callback URL", secret=True),
+    EnvVar("BRIDGE_CALLBACK_ALLOWED_CIDRS", "http.allowed_cidrs", "allowed source CIDRs, comma-separated"),
+    EnvVar("BRIDGE_TRUSTED_PROXIES", "http.trusted_proxies", "proxy CIDRs whose X-Forwarded-For is used"),
+    EnvVar("BRIDGE_DEDUP_WINDOW_S", "http.dedup_window_s", "suppress repeats within this window (0: off)"),
+    EnvVar("BRIDGE_DEDUP_MAX_ENTRIES", "http.dedup_max_entries", "bound on remembered events"),
     EnvVar("BRIDGE_CALLBACK_ENABLED", "callback_enabled", "serve the callback endpoint (true/false)"),
     EnvVar("BRIDGE_PULL_ENABLED", "poller.enabled", "run the PullEvents poller (true/false)"),
     EnvVar("BRIDGE_VOD_ENDPOINT", "poller.endpoint", "VOD API endpoint"),
@@ -150,6 +179,7 @@ ENV_VARS: Final = (
     EnvVar("BRIDGE_LOG_FORMAT", "log_format", "auto (text on a terminal), text or json"),
 )
 _BY_PATH: Final = {var.path: var for var in ENV_VARS}
+_LIST_PATHS: Final = frozenset({"http.allowed_cidrs", "http.trusted_proxies"})
 _ROUTE_RE: Final = re.compile(r"^[A-Za-z0-9]+=[A-Za-z0-9._-]{1,249}$")
 _TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -164,7 +194,11 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str] | Non
         raw = _read(merged, var)
         if raw is None:
             continue
-        value: object = _parse_routes(raw) if var.path == "kafka.topic_routes" else raw
+        value: object = raw
+        if var.path == "kafka.topic_routes":
+            value = _parse_routes(raw)
+        elif var.path in _LIST_PATHS:
+            value = [item.strip() for item in raw.split(",") if item.strip()]
         section, _, field = var.path.rpartition(".")
         (tree.setdefault(section, {}) if section else tree)[field] = value
     try:
@@ -258,6 +292,27 @@ def _validate(settings: Settings) -> None:
             "BRIDGE_CALLBACK_ENABLED: with the poller off too, the bridge would have no source",
         ),
     ]
+    checks += [
+        (http.sign_skew_s >= 0, "BRIDGE_CALLBACK_SIGN_SKEW_S: must be >= 0"),
+        (
+            http.sign_key is None or (0 < len(http.sign_key) <= 64 and http.sign_key.isalnum()),
+            "BRIDGE_CALLBACK_SIGN_KEY: VOD sign keys are letters and digits",
+        ),
+        (
+            http.token is None or (len(http.token) >= 16 and "/" not in http.token),
+            "BRIDGE_CALLBACK_TOKEN: use at least 16 characters, without '/'",
+        ),
+        (http.dedup_window_s >= 0, "BRIDGE_DEDUP_WINDOW_S: must be >= 0"),
+        (http.dedup_max_entries >= 1, "BRIDGE_DEDUP_MAX_ENTRIES: must be >= 1"),
+    ]
+    for name, cidrs in (
+        ("BRIDGE_CALLBACK_ALLOWED_CIDRS", http.allowed_cidrs),
+        ("BRIDGE_TRUSTED_PROXIES", http.trusted_proxies),
+    ):
+        try:
+            parse_networks(cidrs)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

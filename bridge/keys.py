@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .auth import SourceFilter
 from .config import Settings
+from .dedup import DedupWindow
 from .metrics import Metrics
 from .poller import Poller
 from .sink import Sink
@@ -13,3 +15,5 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 SINK_KEY = web.AppKey("sink", Sink)
 POLLER_KEY = web.AppKey("poller", Poller)
+SOURCE_FILTER_KEY = web.AppKey("source_filter", SourceFilter)
+DEDUP_KEY: web.AppKey[DedupWindow | None] = web.AppKey("dedup")

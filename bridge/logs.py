@@ -7,6 +7,9 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
 from .config import LogFormat, LogLevel
 from .timefmt import rfc3339_utc
 
@@ -36,3 +39,19 @@ def configure_logging(level: LogLevel, fmt: LogFormat) -> None:
     # aiokafka logs every reconnect attempt at ERROR; our sink logs the actionable summary instead.
     logging.getLogger("aiokafka").setLevel(max(logging.getLevelName(level), logging.WARNING))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """One DEBUG line per request, without the query string or a path token (both may carry the secret
+    callback token)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        resource = request.match_info.route.resource if isinstance(request, web.Request) else None
+        path = resource.canonical if resource is not None else "-"
+        self.logger.debug(
+            "%s %s %s -> %d in %.1fms", request.remote, request.method, path, response.status, time * 1000
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.DEBUG)

@@ -31,6 +31,9 @@ class Metrics:
         self.rejected = Counter(
             "vod_bridge_events_rejected", "Inputs rejected, by reason", ["source", "reason"], registry=r
         )
+        self.duplicates = Counter(
+            "vod_bridge_events_duplicate", "Repeats suppressed by the de-duplication window", ["source"], registry=r
+        )
         self.dead_lettered = Counter(
             "vod_bridge_events_dead_lettered",
             "Undecodable events sent to the dead-letter topic",

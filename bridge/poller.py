@@ -20,6 +20,7 @@ from typing import Final, Protocol
 import msgspec
 
 from .config import PollerSettings
+from .dedup import DedupWindow
 from .errors import InvalidPayload, PublishFailed, UpstreamError
 from .events import decode_event
 from .metrics import Metrics, event_type_label
@@ -84,12 +85,15 @@ class Poller:
         sink: Sink,
         settings: PollerSettings,
         metrics: Metrics,
+        *,
+        dedup: DedupWindow | None = None,
     ) -> None:
         self._api = api
         self._sink = sink
         self._settings = settings
         self._metrics = metrics
         self._stopping = asyncio.Event()
+        self._dedup = dedup
         self.stats = PollerStats()
 
     def stop(self) -> None:
@@ -165,11 +169,17 @@ class Poller:
         self._metrics.received.labels("pull", event_type_label(event.event_type)).inc()
         if event.event_handle is None:
             logger.warning("pulled %s key=%s without EventHandle; publishing it anyway", event.event_type, event.key)
+        if self._dedup is not None and self._dedup.seen(event):
+            # An equal event was acked within the window: confirm this copy without publishing it again.
+            self._metrics.duplicates.labels("pull").inc()
+            return event.event_handle, True
         try:
             await self._sink.publish(event, source="pull", received_at=received_at)
         except PublishFailed as exc:
             logger.warning("pulled %s key=%s not acked, left for re-delivery: %s", event.event_type, event.key, exc)
             return event.event_handle, False
+        if self._dedup is not None:
+            self._dedup.record(event)
         self.stats.published += 1
         return event.event_handle, True
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .auth import AuthFailed, Forbidden, verify_sign, verify_token
 from .errors import BridgeError, InvalidPayload, PayloadTooLarge, PublishFailed
 from .events import decode_event
-from .keys import METRICS_KEY, SETTINGS_KEY, SINK_KEY
+from .keys import DEDUP_KEY, METRICS_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY
 from .metrics import event_type_label
 
 logger = logging.getLogger("bridge.receiver")
@@ -18,14 +20,25 @@ logger = logging.getLogger("bridge.receiver")
 
 async def handle_callback(request: web.Request) -> web.Response:
     """Publish one VOD event. 200 means the broker acknowledged the record (acks=all)."""
-    metrics = request.app[METRICS_KEY]
+    app = request.app
+    metrics = app[METRICS_KEY]
     received_at = datetime.now(UTC)
     try:
+        _authorize_source(request)
         body = await _read_body(request)
         event = decode_event(body)
-    except InvalidPayload as exc:
+        settings = app[SETTINGS_KEY].http
+        if settings.sign_key is not None:
+            verify_sign(
+                event.sign, event.expires_at, sign_key=settings.sign_key, now_s=time.time(), skew_s=settings.sign_skew_s
+            )
+    except (InvalidPayload, AuthFailed) as exc:
         metrics.rejected.labels("callback", exc.reason).inc()
         logger.info("rejected callback from %s: %s (%s)", request.remote, exc.reason, exc.message)
+        raise
+    except Forbidden:
+        metrics.rejected.labels("callback", "forbidden").inc()
+        logger.info("rejected callback from %s: source address not allowed", request.remote)
         raise
     except PayloadTooLarge:
         metrics.rejected.labels("callback", "too_large").inc()
@@ -33,14 +46,29 @@ async def handle_callback(request: web.Request) -> web.Response:
         raise
 
     metrics.received.labels("callback", event_type_label(event.event_type)).inc()
+    dedup = app[DEDUP_KEY]
+    if dedup is not None and dedup.seen(event):
+        metrics.duplicates.labels("callback").inc()
+        return web.json_response({"status": "duplicate"})
     try:
-        ack = await request.app[SINK_KEY].publish(event, source="callback", received_at=received_at)
+        ack = await app[SINK_KEY].publish(event, source="callback", received_at=received_at)
     except PublishFailed as exc:
         logger.warning("callback %s key=%s not acked: %s", event.event_type, event.key, exc.message)
         raise
+    if dedup is not None:
+        dedup.record(event)
     return web.json_response(
         {"status": "published", "topic": ack.topic, "partition": ack.partition, "offset": ack.offset}
     )
+
+
+def _authorize_source(request: web.Request) -> None:
+    """IP allow-list, then the URL token; both before the body is read."""
+    app = request.app
+    app[SOURCE_FILTER_KEY].check(request.remote, request.headers.get("X-Forwarded-For"))
+    token = app[SETTINGS_KEY].http.token
+    if token is not None:
+        verify_token(request.match_info.get("token") or request.query.get("token"), token)
 
 
 async def _read_body(request: web.Request) -> bytes:

@@ -18,7 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer
 
-from bridge.app import create_app
+from bridge.app import create_app, runner_options
 from bridge.config import HttpSettings, KafkaSettings, Settings
 from bridge.embedded import EmbeddedBroker
 from bridge.keys import SINK_KEY
@@ -108,7 +108,10 @@ async def make_client() -> AsyncIterator[Callable[..., Awaitable[BridgeClient]]]
     clients: list[BridgeClient] = []
 
     async def make(settings: Settings, *, wait_ready: bool = True) -> BridgeClient:
-        client: BridgeClient = TestClient(TestServer(create_app(settings)))
+        server = TestServer(create_app(settings))
+        # TestServer ignores runner options given to its constructor; start_server takes them.
+        await server.start_server(**runner_options())
+        client: BridgeClient = TestClient(server)
         await client.start_server()
         clients.append(client)
         if wait_ready:

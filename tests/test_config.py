@@ -82,3 +82,25 @@ def test_readme_documents_every_variable() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [var.name for var in ENV_VARS if f"`{var.name}`" not in readme]
     assert not missing
+
+
+def test_callback_secrets_are_masked() -> None:
+    s = load_settings({"BRIDGE_CALLBACK_SIGN_KEY": "abcSECRET123", "BRIDGE_CALLBACK_TOKEN": "tokenSECRETtokenSECRET"})
+    assert (s.http.sign_key, s.http.token) == ("abcSECRET123", "tokenSECRETtokenSECRET")
+    assert "SECRET" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"BRIDGE_CALLBACK_ALLOWED_CIDRS": "10.0.0.0/8,bogus"}, "BRIDGE_CALLBACK_ALLOWED_CIDRS"),
+        ({"BRIDGE_TRUSTED_PROXIES": "300.1.1.1"}, "BRIDGE_TRUSTED_PROXIES"),
+        ({"BRIDGE_CALLBACK_TOKEN": "short"}, "BRIDGE_CALLBACK_TOKEN"),
+        ({"BRIDGE_CALLBACK_SIGN_KEY": "has space"}, "BRIDGE_CALLBACK_SIGN_KEY"),
+    ],
+)
+def test_invalid_security_settings(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named) as info:
+        load_settings(env)
+    if named in ("BRIDGE_CALLBACK_TOKEN", "BRIDGE_CALLBACK_SIGN_KEY"):
+        assert env[named] not in str(info.value), "a secret's value must not be echoed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import uuid
@@ -140,3 +141,21 @@ async def test_not_ready_until_kafka_answers(make_settings, make_client) -> None
     assert response.status == 503
     assert (await response.json())["error"] == "not_ready"
     assert response.headers["Retry-After"].isdigit()
+
+
+async def test_overload_answers_503_with_retry_after(kafka: Kafka, make_settings, make_client, topic) -> None:
+    # A long linger keeps publishes waiting for their ack, so the in-flight bound is reached.
+    client = await make_client(make_settings(max_in_flight=3, linger_ms=400))
+
+    async def post(i: int):
+        response = await client.post("/vod/callback", json=sample_event(f"burst-{i}"))
+        return f"burst-{i}", response.status, await response.json(), response.headers.get("Retry-After")
+
+    results = await asyncio.gather(*(post(i) for i in range(30)))
+    accepted = {key for key, status, _, _ in results if status == 200}
+    overloaded = [(body, retry) for _, status, body, retry in results if status == 503]
+    assert len(accepted) == 3
+    assert len(overloaded) == 27
+    assert all(body["error"] == "overloaded" and retry == "1" for body, retry in overloaded)
+    records = await read_records(kafka.bootstrap_servers, topic, count=3, settle_s=1.0)
+    assert {r.key.decode() for r in records} == accepted
