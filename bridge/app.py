@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,12 +16,14 @@ from .auth import SourceFilter, parse_networks
 from .config import Settings
 from .dedup import DedupWindow
 from .errors import BridgeError, ConfigError
-from .keys import DEDUP_KEY, METRICS_KEY, POLLER_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY
+from .forwarder import SpoolForwarder
+from .keys import DEDUP_KEY, FORWARDER_KEY, METRICS_KEY, POLLER_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY
 from .logs import RedactingAccessLogger
 from .metrics import Metrics
 from .poller import Poller
 from .receiver import error_middleware, handle_callback
 from .sink import KafkaSink
+from .spool import AsyncSpool, Spool
 from .vodapi import Credentials, VodClient
 
 logger = logging.getLogger("bridge.app")
@@ -51,7 +54,11 @@ def create_app(
     http = settings.http
     app[SOURCE_FILTER_KEY] = SourceFilter(parse_networks(http.allowed_cidrs), parse_networks(http.trusted_proxies))
     app[DEDUP_KEY] = DedupWindow(http.dedup_window_s, http.dedup_max_entries) if http.dedup_window_s > 0 else None
+    app[FORWARDER_KEY] = None
     app.cleanup_ctx.append(_kafka_sink_ctx(on_fatal))
+    if settings.spool.dir is not None:
+        app.cleanup_ctx.append(_spool_ctx(settings.spool.dir, on_fatal))
+        app.on_shutdown.append(_stop_forwarder)
     if settings.poller.enabled:
         if credentials is None:
             raise ConfigError(
@@ -125,6 +132,36 @@ def _poller_ctx(credentials: Credentials, on_fatal: FatalHandler) -> Callable[[w
     return vod_poller
 
 
+def _spool_ctx(directory: str, on_fatal: FatalHandler) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def spool(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS_KEY]
+        store = await asyncio.to_thread(Spool.open, Path(directory), max_bytes=settings.spool.max_bytes)
+        # Spool.open already logged each recovery problem (file, offset, reason) at WARNING.
+        async_spool = AsyncSpool(store)
+        forwarder = SpoolForwarder(
+            async_spool, app[SINK_KEY], app[METRICS_KEY], dead_letter_topic=settings.poller.dead_letter_topic
+        )
+        app[FORWARDER_KEY] = forwarder
+        logger.info("spool open at %s with %d events waiting", directory, forwarder.depth)
+        task = asyncio.create_task(forwarder.run(), name="spool-forwarder")
+        task.add_done_callback(lambda task: _report_failure(task, on_fatal))
+        yield
+        forwarder.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await async_spool.close()
+
+    return spool
+
+
+async def _stop_forwarder(app: web.Application) -> None:
+    # on_shutdown runs before in-flight handlers finish: whatever they still spool stays on disk (the spool
+    # closes only in cleanup) and is forwarded at the next start.
+    forwarder = app[FORWARDER_KEY]
+    if forwarder is not None:
+        forwarder.stop()
+
+
 async def _stop_poller(app: web.Application) -> None:
     if POLLER_KEY in app:
         app[POLLER_KEY].stop()
@@ -140,8 +177,14 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if request.app[SINK_KEY].ready:
-        return web.json_response({"status": "ready"})
+    kafka_ready = request.app[SINK_KEY].ready
+    forwarder = request.app[FORWARDER_KEY]
+    if kafka_ready or forwarder is not None:
+        # With a spool, callbacks are accepted (spooled) even while Kafka is unreachable.
+        body: dict[str, Any] = {"status": "ready", "kafka": "connected" if kafka_ready else "unavailable"}
+        if forwarder is not None:
+            body["spool_depth"] = forwarder.depth
+        return web.json_response(body)
     return web.json_response({"status": "not_ready", "reason": "kafka producer not connected"}, status=503)
 
 

@@ -110,10 +110,21 @@ class PollerSettings(msgspec.Struct, frozen=True, kw_only=True):
     confirm_warn_after_s: float = 20.0
 
 
+class SpoolSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Optional durable spool for callbacks Kafka cannot take in time."""
+
+    #: Directory of the fsync'ed spool; unset means no spool (callbacks get 503 while Kafka is down).
+    dir: str | None = None
+    max_bytes: int = 1024 * 1024 * 1024
+    #: How long a callback waits for the Kafka ack before it is spooled instead.
+    publish_budget_s: float = 2.0
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     kafka: KafkaSettings = KafkaSettings()
     http: HttpSettings = HttpSettings()
     poller: PollerSettings = PollerSettings()
+    spool: SpoolSettings = SpoolSettings()
     #: The normal-callback receiver; off runs the poller alone (health and metrics are always served).
     callback_enabled: bool = True
     log_level: LogLevel = "INFO"
@@ -164,6 +175,9 @@ ENV_VARS: Final = (
     EnvVar("BRIDGE_TRUSTED_PROXIES", "http.trusted_proxies", "proxy CIDRs whose X-Forwarded-For is used"),
     EnvVar("BRIDGE_DEDUP_WINDOW_S", "http.dedup_window_s", "suppress repeats within this window (0: off)"),
     EnvVar("BRIDGE_DEDUP_MAX_ENTRIES", "http.dedup_max_entries", "bound on remembered events"),
+    EnvVar("BRIDGE_SPOOL_DIR", "spool.dir", "directory of the durable callback spool (unset: no spool)"),
+    EnvVar("BRIDGE_SPOOL_MAX_BYTES", "spool.max_bytes", "spool size bound; beyond it callbacks get 503"),
+    EnvVar("BRIDGE_SPOOL_PUBLISH_BUDGET_S", "spool.publish_budget_s", "wait for Kafka before spooling"),
     EnvVar("BRIDGE_CALLBACK_ENABLED", "callback_enabled", "serve the callback endpoint (true/false)"),
     EnvVar("BRIDGE_PULL_ENABLED", "poller.enabled", "run the PullEvents poller (true/false)"),
     EnvVar("BRIDGE_VOD_ENDPOINT", "poller.endpoint", "VOD API endpoint"),
@@ -304,6 +318,10 @@ def _validate(settings: Settings) -> None:
         ),
         (http.dedup_window_s >= 0, "BRIDGE_DEDUP_WINDOW_S: must be >= 0"),
         (http.dedup_max_entries >= 1, "BRIDGE_DEDUP_MAX_ENTRIES: must be >= 1"),
+    ]
+    checks += [
+        (settings.spool.max_bytes >= 1024 * 1024, "BRIDGE_SPOOL_MAX_BYTES: must be >= 1 MiB"),
+        (settings.spool.publish_budget_s > 0, "BRIDGE_SPOOL_PUBLISH_BUDGET_S: must be > 0"),
     ]
     for name, cidrs in (
         ("BRIDGE_CALLBACK_ALLOWED_CIDRS", http.allowed_cidrs),

@@ -7,6 +7,7 @@ from aiohttp import web
 from .auth import SourceFilter
 from .config import Settings
 from .dedup import DedupWindow
+from .forwarder import SpoolForwarder
 from .metrics import Metrics
 from .poller import Poller
 from .sink import Sink
@@ -17,3 +18,4 @@ SINK_KEY = web.AppKey("sink", Sink)
 POLLER_KEY = web.AppKey("poller", Poller)
 SOURCE_FILTER_KEY = web.AppKey("source_filter", SourceFilter)
 DEDUP_KEY: web.AppKey[DedupWindow | None] = web.AppKey("dedup")
+FORWARDER_KEY: web.AppKey[SpoolForwarder | None] = web.AppKey("forwarder")

@@ -63,6 +63,9 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.spooled = Counter("vod_bridge_events_spooled", "Events stored in the local spool", ["source"], registry=r)
+        self.published_from_spool = Counter("vod_bridge_spool_forwarded", "Spooled events acked by Kafka", registry=r)
+        self.spool_depth = Gauge("vod_bridge_spool_depth", "Events in the spool not yet acked by Kafka", registry=r)
         self.in_flight = Gauge("vod_bridge_publish_in_flight", "Publishes awaiting an ack", registry=r)
         self.kafka_connected = Gauge("vod_bridge_kafka_connected", "1 when the producer is connected", registry=r)
 

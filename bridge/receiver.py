@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .auth import AuthFailed, Forbidden, verify_sign, verify_token
 from .errors import BridgeError, InvalidPayload, PayloadTooLarge, PublishFailed
-from .events import decode_event
-from .keys import DEDUP_KEY, METRICS_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY
+from .events import VodEvent, decode_event
+from .forwarder import SpoolForwarder
+from .keys import DEDUP_KEY, FORWARDER_KEY, METRICS_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY
 from .metrics import event_type_label
+from .sink import Sink
 
 logger = logging.getLogger("bridge.receiver")
 
@@ -50,16 +53,43 @@ async def handle_callback(request: web.Request) -> web.Response:
     if dedup is not None and dedup.seen(event):
         metrics.duplicates.labels("callback").inc()
         return web.json_response({"status": "duplicate"})
+    forwarder = app[FORWARDER_KEY]
     try:
-        ack = await app[SINK_KEY].publish(event, source="callback", received_at=received_at)
+        if forwarder is None:
+            answer = await _publish(app[SINK_KEY], event, received_at)
+        else:
+            answer = await _publish_or_spool(app, forwarder, event, received_at)
     except PublishFailed as exc:
         logger.warning("callback %s key=%s not acked: %s", event.event_type, event.key, exc.message)
         raise
     if dedup is not None:
         dedup.record(event)
-    return web.json_response(
-        {"status": "published", "topic": ack.topic, "partition": ack.partition, "offset": ack.offset}
-    )
+    return web.json_response(answer)
+
+
+async def _publish(
+    sink: Sink, event: VodEvent, received_at: datetime, timeout_s: float | None = None
+) -> dict[str, Any]:
+    ack = await sink.publish(event, source="callback", received_at=received_at, timeout_s=timeout_s)
+    return {"status": "published", "topic": ack.topic, "partition": ack.partition, "offset": ack.offset}
+
+
+async def _publish_or_spool(
+    app: web.Application, forwarder: SpoolForwarder, event: VodEvent, received_at: datetime
+) -> dict[str, Any]:
+    """Kafka first, within the publish budget; the spool when Kafka cannot ack in time.
+
+    While older events wait in the spool, new ones queue behind them, so forwarding keeps arrival order.
+    """
+    sink = app[SINK_KEY]
+    if forwarder.depth == 0 and sink.ready:
+        try:
+            return await _publish(sink, event, received_at, app[SETTINGS_KEY].spool.publish_budget_s)
+        except PublishFailed as exc:
+            # A timed-out record may still reach Kafka later; the spooled copy is then a duplicate (same key).
+            logger.info("kafka did not ack %s key=%s in time (%s); spooling it", event.event_type, event.key, exc)
+    seq = await forwarder.store(event, source="callback", received_at=received_at)
+    return {"status": "spooled", "seq": seq}
 
 
 def _authorize_source(request: web.Request) -> None:

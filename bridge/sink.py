@@ -43,7 +43,13 @@ class Sink(Protocol):
     def ready(self) -> bool: ...
 
     async def publish(
-        self, event: VodEvent, *, source: Source, received_at: datetime, topic: str | None = None
+        self,
+        event: VodEvent,
+        *,
+        source: Source,
+        received_at: datetime,
+        topic: str | None = None,
+        timeout_s: float | None = None,
     ) -> Ack: ...
 
     async def publish_dead_letter(
@@ -55,6 +61,7 @@ class Sink(Protocol):
         error: str,
         event_handle: str | None,
         received_at: datetime,
+        source: Source = "pull",
     ) -> Ack: ...
 
 
@@ -175,11 +182,19 @@ class KafkaSink:
             await producer.stop()
             logger.info("kafka producer flushed and closed")
 
-    async def publish(self, event: VodEvent, *, source: Source, received_at: datetime, topic: str | None = None) -> Ack:
+    async def publish(
+        self,
+        event: VodEvent,
+        *,
+        source: Source,
+        received_at: datetime,
+        topic: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Ack:
         """Send one event record and wait for the broker ack. Returns the ack; raises :class:`PublishFailed`."""
         headers = record_headers(event, source=source, received_at=received_at)
         target = topic or self._settings.topic_for(event.event_type)
-        ack = await self._send(target, event.key.encode(), event.value, headers, source=source)
+        ack = await self._send(target, event.key.encode(), event.value, headers, source=source, timeout_s=timeout_s)
         self._metrics.published.labels(source, event_type_label(event.event_type)).inc()
         return ack
 
@@ -192,11 +207,12 @@ class KafkaSink:
         error: str,
         event_handle: str | None,
         received_at: datetime,
+        source: Source = "pull",
     ) -> Ack:
         """Send an undecodable event verbatim to the dead-letter topic, with the error in headers; returns
         only after the broker ack."""
         headers = [
-            ("source", b"pull"),
+            ("source", source.encode()),
             ("received-at", rfc3339_utc(received_at).encode()),
             ("error-reason", reason.encode()),
             ("error", error[:1000].encode()),
@@ -204,12 +220,19 @@ class KafkaSink:
         if event_handle is not None:
             headers.append(("event-handle", event_handle.encode()))
         key = event_handle.encode() if event_handle is not None else None
-        ack = await self._send(topic, key, raw, headers, source="pull")
-        self._metrics.dead_lettered.labels("pull", reason).inc()
+        ack = await self._send(topic, key, raw, headers, source=source)
+        self._metrics.dead_lettered.labels(source, reason).inc()
         return ack
 
     async def _send(
-        self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]], *, source: Source
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        *,
+        source: Source,
+        timeout_s: float | None = None,
     ) -> Ack:
         producer = self._producer
         if producer is None:
@@ -222,13 +245,13 @@ class KafkaSink:
         try:
             # Bounds both the wait for buffer space/metadata in send() and the wait for the ack; a record
             # already handed to the producer may still be delivered later (at-least-once, same key).
-            async with asyncio.timeout(self._settings.publish_timeout_s):
+            async with asyncio.timeout(timeout_s or self._settings.publish_timeout_s):
                 delivery = await producer.send(topic, value, key=key, headers=headers)
                 ack: Ack = await delivery
         except TimeoutError:
             self._metrics.publish_failed.labels(source, "timeout").inc()
             raise PublishFailed(
-                f"no Kafka ack within {self._settings.publish_timeout_s:g}s for topic {topic}"
+                f"no Kafka ack within {timeout_s or self._settings.publish_timeout_s:g}s for topic {topic}"
             ) from None
         except KafkaError as exc:
             self._metrics.publish_failed.labels(source, type(exc).__name__).inc()
