@@ -21,7 +21,7 @@ from .keys import DEDUP_KEY, FORWARDER_KEY, METRICS_KEY, POLLER_KEY, SETTINGS_KE
 from .logs import RedactingAccessLogger
 from .metrics import Metrics
 from .poller import Poller
-from .receiver import error_middleware, handle_callback
+from .receiver import error_middleware, expect_continue, handle_callback
 from .sink import KafkaSink
 from .spool import AsyncSpool, Spool
 from .vodapi import Credentials, VodClient
@@ -67,25 +67,37 @@ def create_app(
         app.cleanup_ctx.append(_poller_ctx(credentials, on_fatal))
         app.on_shutdown.append(_stop_poller)
     if settings.callback_enabled:
-        app.router.add_post(http.callback_path, handle_callback)
+        app.router.add_post(http.callback_path, handle_callback, expect_handler=expect_continue)
         if http.token is not None:
-            app.router.add_post(http.callback_path.rstrip("/") + "/{token}", handle_callback)
+            path = http.callback_path.rstrip("/") + "/{token}"
+            app.router.add_post(path, handle_callback, expect_handler=expect_continue)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     return app
 
 
-def runner_options() -> dict[str, Any]:
-    """Options for ``web.run_app``/``AppRunner``: access lines at DEBUG only, with secrets redacted."""
-    return {"access_log_class": RedactingAccessLogger, "access_log": logging.getLogger("bridge.access")}
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """Options for ``web.run_app``/``AppRunner``: access lines at DEBUG only, with secrets redacted; idle and
+    slow-header connections closed after ``idle_timeout_s``; request bodies never inflated (a
+    ``Content-Encoding`` is refused instead, so a compression bomb costs nothing, not even while lingering)."""
+    return {
+        "access_log_class": RedactingAccessLogger,
+        "access_log": logging.getLogger("bridge.access"),
+        "keepalive_timeout": settings.http.idle_timeout_s,
+        "auto_decompress": False,
+        # After refusing a body, read (and drop) what is still coming for at most this long, so the client
+        # sees the answer rather than a reset; aiohttp's 10 s default let stalled clients hold sockets.
+        "lingering_time": 0.5,
+    }
 
 
 def _kafka_sink_ctx(
     on_fatal: FatalHandler,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def kafka_sink(app: web.Application) -> AsyncIterator[None]:
-        sink = KafkaSink(app[SETTINGS_KEY].kafka, app[METRICS_KEY])
+        settings = app[SETTINGS_KEY]
+        sink = KafkaSink(settings.kafka, app[METRICS_KEY], max_record_bytes=settings.http.max_body_bytes)
         app[SINK_KEY] = sink
         # Connect in the background so /healthz and /readyz answer while Kafka is still unreachable.
         connecting = asyncio.create_task(sink.connect(), name="kafka-connect")

@@ -158,7 +158,7 @@ def serve(
             port=settings.http.port,
             shutdown_timeout=settings.http.shutdown_timeout_s,
             print=None,
-            **runner_options(),
+            **runner_options(settings),
         )
     except (OSError, BridgeError) as exc:
         logger.critical("failed: %s", exc)

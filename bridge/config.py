@@ -62,6 +62,10 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     callback_path: str = "/vod/callback"
     max_body_bytes: int = 1024 * 1024
+    #: A client has this long to send its body once its headers arrived (slow-loris bound); 408 after.
+    body_timeout_s: float = 10.0
+    #: Idle keep-alive connections, and clients still sending their headers, are closed after this.
+    idle_timeout_s: float = 30.0
     #: Graceful shutdown: how long in-flight callbacks may take to finish after SIGTERM.
     shutdown_timeout_s: float = 30.0
     #: VOD's SignKey: when set, every callback must carry a valid Sign/T (401 otherwise).
@@ -168,6 +172,8 @@ ENV_VARS: Final = (
     EnvVar("BRIDGE_CALLBACK_PATH", "http.callback_path", "path VOD posts events to"),
     EnvVar("BRIDGE_HTTP_MAX_BODY_BYTES", "http.max_body_bytes", "larger callbacks get 413"),
     EnvVar("BRIDGE_SHUTDOWN_TIMEOUT_S", "http.shutdown_timeout_s", "drain time after SIGTERM"),
+    EnvVar("BRIDGE_HTTP_BODY_TIMEOUT_S", "http.body_timeout_s", "time to send the body after the headers"),
+    EnvVar("BRIDGE_HTTP_IDLE_TIMEOUT_S", "http.idle_timeout_s", "idle / slow-header connection timeout"),
     EnvVar("BRIDGE_CALLBACK_SIGN_KEY", "http.sign_key", "VOD SignKey; requires valid Sign/T", secret=True),
     EnvVar("BRIDGE_CALLBACK_SIGN_SKEW_S", "http.sign_skew_s", "accepted lateness past T"),
     EnvVar("BRIDGE_CALLBACK_TOKEN", "http.token", "secret token in the callback URL", secret=True),
@@ -283,6 +289,8 @@ def _validate(settings: Settings) -> None:
             "BRIDGE_CALLBACK_PATH: must start with / and not clash with /healthz, /readyz, /metrics",
         ),
         (http.max_body_bytes >= 1024, "BRIDGE_HTTP_MAX_BODY_BYTES: must be >= 1024"),
+        (http.body_timeout_s > 0, "BRIDGE_HTTP_BODY_TIMEOUT_S: must be > 0"),
+        (http.idle_timeout_s > 0, "BRIDGE_HTTP_IDLE_TIMEOUT_S: must be > 0"),
         (http.shutdown_timeout_s >= 0, "BRIDGE_SHUTDOWN_TIMEOUT_S: must be >= 0"),
     ]
     poller = settings.poller

@@ -38,8 +38,10 @@ def broker_binary() -> str:
 class EmbeddedBroker:
     """A tansu broker process on 127.0.0.1. ``start`` returns once the port accepts connections."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
+        #: What the broker tells clients to connect to (a proxy in front of it, in fault tests).
+        self.advertised_port = advertised_port or self.port
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,8 +54,9 @@ class EmbeddedBroker:
 
     def start(self, *, timeout_s: float = 15.0) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         self._process = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -79,6 +82,13 @@ class EmbeddedBroker:
         try:
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would."""
+        process, self._process = self._process, None
+        if process is not None:
             process.kill()
             process.wait()
 

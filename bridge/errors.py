@@ -43,6 +43,21 @@ class PayloadTooLarge(BridgeError):
     code = "payload_too_large"
 
 
+class UnsupportedEncoding(BridgeError):
+    """A ``Content-Encoding`` other than identity: VOD does not compress callbacks, and inflating untrusted
+    bodies on the event loop is a denial-of-service vector."""
+
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    code = "unsupported_encoding"
+
+
+class BodyTimeout(BridgeError):
+    """The client sent its headers but not its body in time."""
+
+    status = HTTPStatus.REQUEST_TIMEOUT
+    code = "request_timeout"
+
+
 class Unauthorized(BridgeError):
     """A callback signature, token or source address was rejected."""
 
@@ -60,6 +75,13 @@ class PublishFailed(BridgeError):
         super().__init__(message)
         self.retriable = retriable
         self.retry_after_s = retry_after_s
+
+
+class RecordTooLarge(PublishFailed):
+    """Kafka refuses the record for its size: retrying cannot help, so this is a 413, not a 503."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "record_too_large"
 
 
 class NotReady(PublishFailed):

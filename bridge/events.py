@@ -262,11 +262,24 @@ def decode_event(body: bytes) -> VodEvent:
     non-string ``EventType``, missing payload object, a payload field of the wrong type, or a missing id.
     """
     try:
+        # Raw pieces are copied to Kafka unparsed: check the encoding of all of them here, once.
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidPayload(f"body is not valid UTF-8 (byte {exc.start})", reason="invalid_utf8") from None
+    try:
         envelope = _envelope_decoder.decode(body)
+        return _decode_envelope(envelope)
     except msgspec.ValidationError as exc:
         raise InvalidPayload(f"body must be a JSON object: {exc}", reason="not_an_object") from exc
     except msgspec.DecodeError as exc:
         raise InvalidPayload(f"malformed JSON: {exc}", reason="malformed_json") from exc
+    except RecursionError:
+        raise InvalidPayload("JSON nested too deeply", reason="too_deep") from None
+    except UnicodeDecodeError as exc:  # a \ud800-style escape msgspec cannot turn into text
+        raise InvalidPayload(f"invalid string escape: {exc.reason}", reason="invalid_utf8") from None
+
+
+def _decode_envelope(envelope: dict[str, msgspec.Raw]) -> VodEvent:
 
     event_type = _decode_field(envelope, "EventType", _str_decoder, required=True)
     assert event_type is not None

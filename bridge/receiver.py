@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import AuthFailed, Forbidden, verify_sign, verify_token
-from .errors import BridgeError, InvalidPayload, PayloadTooLarge, PublishFailed
+from .errors import BodyTimeout, BridgeError, InvalidPayload, PayloadTooLarge, PublishFailed, UnsupportedEncoding
 from .events import VodEvent, decode_event
 from .forwarder import SpoolForwarder
 from .keys import DEDUP_KEY, FORWARDER_KEY, METRICS_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY
@@ -43,9 +46,9 @@ async def handle_callback(request: web.Request) -> web.Response:
         metrics.rejected.labels("callback", "forbidden").inc()
         logger.info("rejected callback from %s: source address not allowed", request.remote)
         raise
-    except PayloadTooLarge:
-        metrics.rejected.labels("callback", "too_large").inc()
-        logger.info("rejected callback from %s: body over the size limit", request.remote)
+    except (PayloadTooLarge, UnsupportedEncoding, BodyTimeout, ClientGone) as exc:
+        metrics.rejected.labels("callback", exc.code).inc()
+        logger.info("rejected callback from %s: %s", request.remote, exc.message)
         raise
 
     metrics.received.labels("callback", event_type_label(event.event_type)).inc()
@@ -86,6 +89,8 @@ async def _publish_or_spool(
         try:
             return await _publish(sink, event, received_at, app[SETTINGS_KEY].spool.publish_budget_s)
         except PublishFailed as exc:
+            if not exc.retriable:
+                raise  # Kafka will never take it (e.g. too large): spooling would only block the queue
             # A timed-out record may still reach Kafka later; the spooled copy is then a duplicate (same key).
             logger.info("kafka did not ack %s key=%s in time (%s); spooling it", event.event_type, event.key, exc)
     seq = await forwarder.store(event, source="callback", received_at=received_at)
@@ -102,16 +107,55 @@ def _authorize_source(request: web.Request) -> None:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    limit = request.app[SETTINGS_KEY].http.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit} bytes")
+    settings = request.app[SETTINGS_KEY].http
+    _check_declared_size(request)
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedEncoding(f"Content-Encoding {encoding[:40]!r} is not accepted; send the JSON as is")
     try:
-        body = await request.read()
+        async with asyncio.timeout(settings.body_timeout_s):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes") from None
+        raise PayloadTooLarge(f"body exceeds the limit of {settings.max_body_bytes} bytes") from None
+    except TimeoutError:
+        raise BodyTimeout(f"body not received within {settings.body_timeout_s:g}s") from None
+    except RequestPayloadError as exc:
+        raise InvalidPayload(f"unreadable body: {exc}", reason="unreadable_body") from None
+    except ConnectionResetError:
+        raise ClientGone("client disconnected while sending its body") from None
     if not body:
         raise InvalidPayload("empty body: expected a VOD event JSON object", reason="empty_body")
     return body
+
+
+def _check_declared_size(request: web.BaseRequest) -> None:
+    limit = request.app[SETTINGS_KEY].http.max_body_bytes if isinstance(request, web.Request) else 0
+    if limit and request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit} bytes")
+
+
+async def expect_continue(request: web.Request) -> None:
+    """``Expect: 100-continue``: refuse an oversized body before inviting the client to send it."""
+    try:
+        _check_declared_size(request)
+    except PayloadTooLarge as exc:
+        # Expect handlers run outside the middleware chain: build the JSON answer here.
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=request.app[SETTINGS_KEY].http.max_body_bytes,
+            actual_size=request.content_length or 0,
+            text=msgspec.json.encode(error_body(exc.code, exc.message)).decode(),
+            content_type="application/json",
+        ) from None
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+class ClientGone(BridgeError):
+    """The client hung up mid-request; nobody will read an answer."""
+
+    code = "client_disconnected"
+
+
+_BODY_NOT_READ = (PayloadTooLarge, UnsupportedEncoding, BodyTimeout, ClientGone)
 
 
 def error_body(code: str, message: str) -> dict[str, str]:
@@ -125,7 +169,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except BridgeError as exc:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, PublishFailed) else None
-        return web.json_response(error_body(exc.code, exc.message), status=exc.status, headers=headers)
+        response = web.json_response(error_body(exc.code, exc.message), status=exc.status, headers=headers)
+        if isinstance(exc, _BODY_NOT_READ):
+            # Close instead of reading ("lingering" on) a body we refused: a stalled or hostile client
+            # must not keep the connection.
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -10,10 +10,10 @@ from datetime import datetime
 from typing import Any, Final, Literal, Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError
+from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 
 from .config import KafkaSettings
-from .errors import ConfigError, NotReady, Overloaded, PublishFailed
+from .errors import ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
 from .events import VodEvent
 from .metrics import Metrics, event_type_label
 from .timefmt import rfc3339_utc
@@ -93,8 +93,9 @@ class KafkaSink:
     and with :class:`PublishFailed` when no ack arrives within ``publish_timeout_s``.
     """
 
-    def __init__(self, settings: KafkaSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: KafkaSettings, metrics: Metrics, *, max_record_bytes: int = 1024 * 1024) -> None:
         self._settings = settings
+        self._max_request_bytes = max_record_bytes + 64 * 1024
         self._metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._in_flight = 0
@@ -118,6 +119,9 @@ class KafkaSink:
             "max_batch_size": s.max_batch_bytes,
             "compression_type": None if s.compression == "none" else s.compression,
             "request_timeout_ms": max(1000, int(s.publish_timeout_s * 1000)),
+            # Room for the largest accepted callback plus headers; the broker's message.max.bytes must allow
+            # it too (README "Kafka requirements").
+            "max_request_size": self._max_request_bytes,
             "security_protocol": s.security_protocol,
         }
         if s.sasl_mechanism is not None:
@@ -253,6 +257,11 @@ class KafkaSink:
             raise PublishFailed(
                 f"no Kafka ack within {timeout_s or self._settings.publish_timeout_s:g}s for topic {topic}"
             ) from None
+        except MessageSizeTooLargeError as exc:
+            self._metrics.publish_failed.labels(source, type(exc).__name__).inc()
+            raise RecordTooLarge(
+                f"kafka refuses a record of {len(value)} bytes for topic {topic}", retriable=False
+            ) from exc
         except KafkaError as exc:
             self._metrics.publish_failed.labels(source, type(exc).__name__).inc()
             raise PublishFailed(

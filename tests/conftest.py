@@ -110,7 +110,7 @@ async def make_client() -> AsyncIterator[Callable[..., Awaitable[BridgeClient]]]
     async def make(settings: Settings, *, wait_ready: bool = True) -> BridgeClient:
         server = TestServer(create_app(settings))
         # TestServer ignores runner options given to its constructor; start_server takes them.
-        await server.start_server(**runner_options())
+        await server.start_server(**runner_options(settings))
         client: BridgeClient = TestClient(server)
         await client.start_server()
         clients.append(client)

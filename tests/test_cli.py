@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
@@ -15,36 +14,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import Kafka, read_records, sample_bytes, sample_event
+from faultkit import bridge_env, spawn, wait_ready
 
 from bridge.embedded import EmbeddedBroker, free_port
 
 pytestmark = pytest.mark.integration
-
-
-def bridge_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "TENCENTCLOUD_"))}
-    env.update(BRIDGE_LOG_FORMAT="text", BRIDGE_LOG_LEVEL="INFO", **extra)
-    return env
-
-
-def spawn(args: list[str], env: dict[str, str], logfile: Path) -> subprocess.Popen[bytes]:
-    with logfile.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "bridge", *args], env=env, stdout=out, stderr=out)
-
-
-async def wait_ready(port: int, process: subprocess.Popen[bytes], *, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "the bridge exited during start-up"
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("bridge not ready in time")
 
 
 @pytest.fixture
