@@ -4,7 +4,7 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY bridge ./bridge
 RUN python -m venv /opt/bridge \
-    && /opt/bridge/bin/pip install --no-cache-dir -c constraints.txt .
+    && /opt/bridge/bin/pip install --no-cache-dir -c constraints.txt ".[fast]"
 
 FROM python:3.11-slim
 COPY --from=build /opt/bridge /opt/bridge

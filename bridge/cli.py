@@ -22,13 +22,14 @@ from aiohttp import web
 
 from . import __version__
 from .app import create_app, runner_options
-from .config import Settings, load_settings
+from .config import EventLoop, Settings, load_settings
 from .embedded import EmbeddedBroker
 from .errors import BridgeError, ConfigError
 from .logs import configure_logging
 from .schema import build_schemas, render, write_schemas
 from .tail import tail
 from .vodapi import Credentials
+from .workers import run_workers
 
 logger = logging.getLogger("bridge.cli")
 
@@ -48,6 +49,7 @@ _FLAG_TO_ENV = {
     "enable_idempotence": "BRIDGE_KAFKA_ENABLE_IDEMPOTENCE",
     "log_level": "BRIDGE_LOG_LEVEL",
     "log_format": "BRIDGE_LOG_FORMAT",
+    "workers": "BRIDGE_WORKERS",
 }
 
 
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the bridge against the configured Kafka")
     _add_settings_flags(serve)
+    serve.add_argument("--workers", help="BRIDGE_WORKERS: processes sharing the port (SO_REUSEPORT)")
 
     dev = commands.add_parser("dev", help="run the bridge on an embedded broker and print each record")
     _add_settings_flags(dev)
@@ -123,6 +126,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         )
         return EXIT_CONFIG
     if args.command == "serve":
+        if settings.workers > 1:
+            return run_workers(settings, {**env, **overrides})
         return serve(settings, credentials=credentials)
     return dev(settings, credentials=credentials)
 
@@ -156,8 +161,10 @@ def serve(
             app,
             host=settings.http.host,
             port=settings.http.port,
+            reuse_port=settings.http.reuse_port or None,
             shutdown_timeout=settings.http.shutdown_timeout_s,
             print=None,
+            loop=new_event_loop(settings.event_loop),
             **runner_options(settings),
         )
     except (OSError, BridgeError) as exc:
@@ -167,6 +174,20 @@ def serve(
         return EXIT_FAILED
     logger.info("vod-bridge stopped cleanly")
     return EXIT_OK
+
+
+def new_event_loop(choice: EventLoop) -> asyncio.AbstractEventLoop:
+    """uvloop when asked for, or for ``auto`` when installed (the ``fast`` extra); else asyncio's loop."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError("BRIDGE_EVENT_LOOP=uvloop needs the 'fast' extra (uvloop)") from None
+        else:
+            logger.debug("using uvloop")
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:

@@ -22,6 +22,7 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogFormat = Literal["auto", "text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+EventLoop = Literal["auto", "asyncio", "uvloop"]
 
 _MASK: Final = "'***'"
 
@@ -66,6 +67,8 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     body_timeout_s: float = 10.0
     #: Idle keep-alive connections, and clients still sending their headers, are closed after this.
     idle_timeout_s: float = 30.0
+    #: Bind with SO_REUSEPORT so several processes share the port (set for each of ``--workers``).
+    reuse_port: bool = False
     #: Graceful shutdown: how long in-flight callbacks may take to finish after SIGTERM.
     shutdown_timeout_s: float = 30.0
     #: VOD's SignKey: when set, every callback must carry a valid Sign/T (401 otherwise).
@@ -131,6 +134,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     spool: SpoolSettings = SpoolSettings()
     #: The normal-callback receiver; off runs the poller alone (health and metrics are always served).
     callback_enabled: bool = True
+    #: Worker processes sharing the HTTP port (SO_REUSEPORT); each has its own producer.
+    workers: int = 1
+    #: ``auto`` uses uvloop when installed (the ``fast`` extra).
+    event_loop: EventLoop = "auto"
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "auto"
 
@@ -195,6 +202,9 @@ ENV_VARS: Final = (
     EnvVar("BRIDGE_PULL_BACKOFF_INITIAL_S", "poller.backoff_initial_s", "first back-off delay"),
     EnvVar("BRIDGE_PULL_BACKOFF_MAX_S", "poller.backoff_max_s", "longest back-off delay"),
     EnvVar("BRIDGE_PULL_CONFIRM_WARN_AFTER_S", "poller.confirm_warn_after_s", "warn on confirms this late"),
+    EnvVar("BRIDGE_WORKERS", "workers", "worker processes sharing the port"),
+    EnvVar("BRIDGE_EVENT_LOOP", "event_loop", "auto, asyncio or uvloop"),
+    EnvVar("BRIDGE_HTTP_REUSE_PORT", "http.reuse_port", "bind with SO_REUSEPORT"),
     EnvVar("BRIDGE_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING, ERROR"),
     EnvVar("BRIDGE_LOG_FORMAT", "log_format", "auto (text on a terminal), text or json"),
 )
@@ -330,6 +340,10 @@ def _validate(settings: Settings) -> None:
     checks += [
         (settings.spool.max_bytes >= 1024 * 1024, "BRIDGE_SPOOL_MAX_BYTES: must be >= 1 MiB"),
         (settings.spool.publish_budget_s > 0, "BRIDGE_SPOOL_PUBLISH_BUDGET_S: must be > 0"),
+    ]
+    checks += [
+        (1 <= settings.workers <= 64, "BRIDGE_WORKERS: must be 1..64"),
+        (settings.workers == 1 or http.port != 0, "BRIDGE_WORKERS: several workers need a fixed BRIDGE_HTTP_PORT"),
     ]
     for name, cidrs in (
         ("BRIDGE_CALLBACK_ALLOWED_CIDRS", http.allowed_cidrs),
