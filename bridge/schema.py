@@ -11,11 +11,14 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from . import __version__
 from .events import EVENT_TYPES, EventSpec
 
 VALUE_SCHEMA_FILE: Final = "vod-event.value.schema.json"
 HEADERS_SCHEMA_FILE: Final = "vod-event.headers.schema.json"
 KEYS_FILE: Final = "vod-event.keys.json"
+ASYNCAPI_FILE: Final = "asyncapi.json"
+_SCHEMA_FORMAT: Final = "application/schema+json;version=2020-12"
 
 
 class RecordHeaders(msgspec.Struct, kw_only=True):
@@ -78,7 +81,104 @@ def build_schemas() -> dict[str, dict[str, Any]]:
             for event_type, spec in EVENT_TYPES.items()
         },
     }
-    return {VALUE_SCHEMA_FILE: value_schema, HEADERS_SCHEMA_FILE: headers_doc, KEYS_FILE: keys_doc}
+    return {
+        VALUE_SCHEMA_FILE: value_schema,
+        HEADERS_SCHEMA_FILE: headers_doc,
+        KEYS_FILE: keys_doc,
+        ASYNCAPI_FILE: asyncapi_document(),
+    }
+
+
+def asyncapi_document() -> dict[str, Any]:
+    """AsyncAPI 3.0: the topics, key, headers and value the bridge sends (schemas by reference)."""
+    key_description = (
+        "UTF-8 natural id of the event: TaskId for PullComplete and most task events, FileId, FileIdSet joined "
+        f"with ',' or CastId for others (see {KEYS_FILE}); 'sha256:' + 32 hex digits of the value's SHA-256 "
+        "when the payload has no id."
+    )
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "vod-kafka-bridge",
+            "version": __version__,
+            "description": (
+                "Tencent Cloud VOD event notifications (normal callbacks and PullEvents) published to Kafka, one "
+                "record per event, at least once. The producer uses acks=all; consumers de-duplicate by key and "
+                "Status."
+            ),
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "kafka": {
+                "host": "localhost:9092",
+                "protocol": "kafka",
+                "description": "BRIDGE_KAFKA_BOOTSTRAP_SERVERS",
+            }
+        },
+        "channels": {
+            "vodEvents": {
+                "address": "vod.events",
+                "description": "BRIDGE_KAFKA_TOPIC; BRIDGE_KAFKA_TOPIC_ROUTES may move event types to other topics.",
+                "messages": {"vodEvent": {"$ref": "#/components/messages/vodEvent"}},
+            },
+            "deadLetters": {
+                "address": "vod.events.dlq",
+                "description": (
+                    "BRIDGE_KAFKA_DEAD_LETTER_TOPIC: undecodable pulled events (or unreadable spool records), as is."
+                ),
+                "messages": {"deadLetter": {"$ref": "#/components/messages/deadLetter"}},
+            },
+        },
+        "operations": {
+            "publishVodEvent": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/vodEvents"},
+                "messages": [{"$ref": "#/channels/vodEvents/messages/vodEvent"}],
+            },
+            "publishDeadLetter": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/deadLetters"},
+                "messages": [{"$ref": "#/channels/deadLetters/messages/deadLetter"}],
+            },
+        },
+        "components": {
+            "messages": {
+                "vodEvent": {
+                    "name": "VodEvent",
+                    "title": "A VOD event",
+                    "contentType": "application/json",
+                    "headers": {"schemaFormat": _SCHEMA_FORMAT, "schema": {"$ref": HEADERS_SCHEMA_FILE}},
+                    "payload": {"schemaFormat": _SCHEMA_FORMAT, "schema": {"$ref": VALUE_SCHEMA_FILE}},
+                    "bindings": {
+                        "kafka": {"key": {"type": "string", "description": key_description}, "bindingVersion": "0.5.0"}
+                    },
+                },
+                "deadLetter": {
+                    "name": "DeadLetter",
+                    "title": "An event that could not be decoded",
+                    "contentType": "application/json",
+                    "headers": {
+                        "type": "object",
+                        "properties": {
+                            "source": {"enum": ["pull", "callback"]},
+                            "received-at": {"type": "string"},
+                            "error-reason": {"type": "string"},
+                            "error": {"type": "string"},
+                            "event-handle": {"type": "string"},
+                        },
+                        "required": ["source", "received-at", "error-reason", "error"],
+                    },
+                    "payload": {"description": "the event exactly as PullEvents returned it (may not be valid JSON)"},
+                    "bindings": {
+                        "kafka": {
+                            "key": {"type": "string", "description": "the EventHandle, if readable"},
+                            "bindingVersion": "0.5.0",
+                        }
+                    },
+                },
+            }
+        },
+    }
 
 
 def render(document: dict[str, Any]) -> bytes:

@@ -156,3 +156,19 @@ def test_schema_command_prints_the_contract() -> None:
     result = subprocess.run([sys.executable, "-m", "bridge", "schema"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert "PullCompleteEvent" in result.stdout and "event-type" in result.stdout
+
+
+async def test_send_posts_a_signed_sample_to_a_running_bridge(kafka: Kafka, make_settings, make_client, topic) -> None:
+    client = await make_client(make_settings(http_sign_key="Key123"))
+    url = str(client.make_url("/vod/callback"))
+    env = bridge_env(BRIDGE_CALLBACK_SIGN_KEY="Key123")
+    command = [sys.executable, "-m", "bridge", "send", "--url", url, "--task-id", "sent-1", "--sign"]
+    result = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("200 ")
+    unsigned = await asyncio.to_thread(
+        subprocess.run, command[:-1], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert unsigned.returncode == 1 and unsigned.stdout.startswith("401 ")
+    (record,) = await read_records(kafka.bootstrap_servers, topic, count=1, settle_s=0.5)
+    assert record.key == b"sent-1"

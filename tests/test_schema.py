@@ -35,3 +35,29 @@ def test_headers_schema_names_the_contract_headers() -> None:
     headers = build_schemas()["vod-event.headers.schema.json"]
     assert set(headers["required"]) == {"event-type", "source", "received-at", "content-type"}
     assert "event-handle" in headers["properties"]
+
+
+def _refs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in _refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _refs(value)]
+    return []
+
+
+def test_asyncapi_document_references_resolve() -> None:
+    doc = json.loads((SCHEMAS / "asyncapi.json").read_text())
+    assert doc["asyncapi"] == "3.0.0"
+    assert doc["channels"]["vodEvents"]["address"] == "vod.events"
+    refs = _refs(doc)
+    assert refs
+    for ref in refs:
+        if ref.startswith("#/"):
+            node = doc
+            for part in ref[2:].split("/"):
+                node = node[part]
+        else:
+            assert (SCHEMAS / ref).is_file(), ref
+    key = doc["components"]["messages"]["vodEvent"]["bindings"]["kafka"]["key"]
+    assert "TaskId" in key["description"]
