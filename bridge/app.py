@@ -17,13 +17,23 @@ from .config import Settings
 from .dedup import DedupWindow
 from .errors import BridgeError, ConfigError
 from .forwarder import SpoolForwarder
-from .keys import DEDUP_KEY, FORWARDER_KEY, METRICS_KEY, POLLER_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY
+from .keys import (
+    DEDUP_KEY,
+    FORWARDER_KEY,
+    METRICS_KEY,
+    POLLER_KEY,
+    SETTINGS_KEY,
+    SINK_KEY,
+    SOURCE_FILTER_KEY,
+    TRACER_KEY,
+)
 from .logs import RedactingAccessLogger
 from .metrics import Metrics
 from .poller import Poller
 from .receiver import error_middleware, expect_continue, handle_callback
 from .sink import KafkaSink
 from .spool import AsyncSpool, Spool
+from .tracing import make_tracer
 from .vodapi import Credentials, VodClient
 
 logger = logging.getLogger("bridge.app")
@@ -55,6 +65,7 @@ def create_app(
     app[SOURCE_FILTER_KEY] = SourceFilter(parse_networks(http.allowed_cidrs), parse_networks(http.trusted_proxies))
     app[DEDUP_KEY] = DedupWindow(http.dedup_window_s, http.dedup_max_entries) if http.dedup_window_s > 0 else None
     app[FORWARDER_KEY] = None
+    app[TRACER_KEY] = make_tracer(settings.otel_enabled)
     app.cleanup_ctx.append(_kafka_sink_ctx(on_fatal))
     if settings.spool.dir is not None:
         app.cleanup_ctx.append(_spool_ctx(settings.spool.dir, on_fatal))
@@ -124,7 +135,9 @@ def _poller_ctx(credentials: Credentials, on_fatal: FatalHandler) -> Callable[[w
             sub_app_id=settings.poller.sub_app_id,
             request_timeout_s=settings.poller.request_timeout_s,
         )
-        poller = Poller(client, app[SINK_KEY], settings.poller, app[METRICS_KEY], dedup=app[DEDUP_KEY])
+        poller = Poller(
+            client, app[SINK_KEY], settings.poller, app[METRICS_KEY], dedup=app[DEDUP_KEY], tracer=app[TRACER_KEY]
+        )
         app[POLLER_KEY] = poller
         task = asyncio.create_task(poller.run(), name="vod-poller")
         task.add_done_callback(lambda task: _report_failure(task, on_fatal))

@@ -138,6 +138,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     workers: int = 1
     #: ``auto`` uses uvloop when installed (the ``fast`` extra).
     event_loop: EventLoop = "auto"
+    #: One OpenTelemetry span per event and ``traceparent`` in Kafka headers (the ``otel`` extra).
+    otel_enabled: bool = False
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "auto"
 
@@ -204,6 +206,7 @@ ENV_VARS: Final = (
     EnvVar("BRIDGE_PULL_CONFIRM_WARN_AFTER_S", "poller.confirm_warn_after_s", "warn on confirms this late"),
     EnvVar("BRIDGE_WORKERS", "workers", "worker processes sharing the port"),
     EnvVar("BRIDGE_EVENT_LOOP", "event_loop", "auto, asyncio or uvloop"),
+    EnvVar("BRIDGE_OTEL_ENABLED", "otel_enabled", "OpenTelemetry spans and traceparent headers"),
     EnvVar("BRIDGE_HTTP_REUSE_PORT", "http.reuse_port", "bind with SO_REUSEPORT"),
     EnvVar("BRIDGE_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING, ERROR"),
     EnvVar("BRIDGE_LOG_FORMAT", "log_format", "auto (text on a terminal), text or json"),

@@ -11,6 +11,7 @@ from .forwarder import SpoolForwarder
 from .metrics import Metrics
 from .poller import Poller
 from .sink import Sink
+from .tracing import EventTracer
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 METRICS_KEY = web.AppKey("metrics", Metrics)
@@ -19,3 +20,4 @@ POLLER_KEY = web.AppKey("poller", Poller)
 SOURCE_FILTER_KEY = web.AppKey("source_filter", SourceFilter)
 DEDUP_KEY: web.AppKey[DedupWindow | None] = web.AppKey("dedup")
 FORWARDER_KEY: web.AppKey[SpoolForwarder | None] = web.AppKey("forwarder")
+TRACER_KEY: web.AppKey[EventTracer] = web.AppKey("tracer")

@@ -13,6 +13,9 @@ from aiohttp.abc import AbstractAccessLogger
 from .config import LogFormat, LogLevel
 from .timefmt import rfc3339_utc
 
+#: ``extra=`` fields the bridge attaches to log records (bounded, never payloads or secrets).
+_STRUCTURED_FIELDS = ("reason", "key", "event_type")
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -22,6 +25,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for field in _STRUCTURED_FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                entry[field] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

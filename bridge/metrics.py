@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
 from .events import EVENT_TYPES
@@ -22,6 +22,8 @@ class Metrics:
     reasons from the fixed set of ``InvalidPayload.reason`` / error codes."""
 
     def __init__(self) -> None:
+        # The *_created series double the output and no dashboard uses them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.received = Counter("vod_bridge_events_received", "Events received", ["source", "event_type"], registry=r)

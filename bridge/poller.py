@@ -25,6 +25,7 @@ from .errors import InvalidPayload, PublishFailed, UpstreamError
 from .events import decode_event
 from .metrics import Metrics, event_type_label
 from .sink import Sink
+from .tracing import EventSpan, EventTracer, NoTracer
 
 logger = logging.getLogger("bridge.poller")
 
@@ -87,6 +88,7 @@ class Poller:
         metrics: Metrics,
         *,
         dedup: DedupWindow | None = None,
+        tracer: EventTracer | None = None,
     ) -> None:
         self._api = api
         self._sink = sink
@@ -94,6 +96,7 @@ class Poller:
         self._metrics = metrics
         self._stopping = asyncio.Event()
         self._dedup = dedup
+        self._tracer = tracer or NoTracer()
         self.stats = PollerStats()
 
     def stop(self) -> None:
@@ -162,10 +165,15 @@ class Poller:
 
     async def _publish_one(self, raw: bytes, received_at: datetime) -> tuple[str | None, bool]:
         """(handle, acked). Never raises for a single event: one bad event must not stop the batch."""
+        with self._tracer.span("vod.pull") as span:
+            return await self._trace_one(raw, received_at, span)
+
+    async def _trace_one(self, raw: bytes, received_at: datetime, span: EventSpan) -> tuple[str | None, bool]:
         try:
             event = decode_event(raw)
         except InvalidPayload as exc:
             return await self._dead_letter(raw, exc, received_at)
+        span.annotate(event)
         self._metrics.received.labels("pull", event_type_label(event.event_type)).inc()
         if event.event_handle is None:
             logger.warning("pulled %s key=%s without EventHandle; publishing it anyway", event.event_type, event.key)
@@ -174,7 +182,7 @@ class Poller:
             self._metrics.duplicates.labels("pull").inc()
             return event.event_handle, True
         try:
-            await self._sink.publish(event, source="pull", received_at=received_at)
+            await self._sink.publish(event, source="pull", received_at=received_at, extra_headers=span.kafka_headers())
         except PublishFailed as exc:
             logger.warning("pulled %s key=%s not acked, left for re-delivery: %s", event.event_type, event.key, exc)
             return event.event_handle, False

@@ -17,15 +17,21 @@ from .auth import AuthFailed, Forbidden, verify_sign, verify_token
 from .errors import BodyTimeout, BridgeError, InvalidPayload, PayloadTooLarge, PublishFailed, UnsupportedEncoding
 from .events import VodEvent, decode_event
 from .forwarder import SpoolForwarder
-from .keys import DEDUP_KEY, FORWARDER_KEY, METRICS_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY
+from .keys import DEDUP_KEY, FORWARDER_KEY, METRICS_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY, TRACER_KEY
 from .metrics import event_type_label
 from .sink import Sink
+from .tracing import EventSpan, Headers
 
 logger = logging.getLogger("bridge.receiver")
 
 
 async def handle_callback(request: web.Request) -> web.Response:
     """Publish one VOD event. 200 means the broker acknowledged the record (acks=all)."""
+    with request.app[TRACER_KEY].span("vod.callback", request.headers) as span:
+        return await _handle(request, span)
+
+
+async def _handle(request: web.Request, span: EventSpan) -> web.Response:
     app = request.app
     metrics = app[METRICS_KEY]
     received_at = datetime.now(UTC)
@@ -33,22 +39,17 @@ async def handle_callback(request: web.Request) -> web.Response:
         _authorize_source(request)
         body = await _read_body(request)
         event = decode_event(body)
+        span.annotate(event)
         settings = app[SETTINGS_KEY].http
         if settings.sign_key is not None:
             verify_sign(
                 event.sign, event.expires_at, sign_key=settings.sign_key, now_s=time.time(), skew_s=settings.sign_skew_s
             )
     except (InvalidPayload, AuthFailed) as exc:
-        metrics.rejected.labels("callback", exc.reason).inc()
-        logger.info("rejected callback from %s: %s (%s)", request.remote, exc.reason, exc.message)
+        _reject(request, exc.reason, exc.message)
         raise
-    except Forbidden:
-        metrics.rejected.labels("callback", "forbidden").inc()
-        logger.info("rejected callback from %s: source address not allowed", request.remote)
-        raise
-    except (PayloadTooLarge, UnsupportedEncoding, BodyTimeout, ClientGone) as exc:
-        metrics.rejected.labels("callback", exc.code).inc()
-        logger.info("rejected callback from %s: %s", request.remote, exc.message)
+    except (Forbidden, PayloadTooLarge, UnsupportedEncoding, BodyTimeout, ClientGone) as exc:
+        _reject(request, exc.code, exc.message)
         raise
 
     metrics.received.labels("callback", event_type_label(event.event_type)).inc()
@@ -57,28 +58,47 @@ async def handle_callback(request: web.Request) -> web.Response:
         metrics.duplicates.labels("callback").inc()
         return web.json_response({"status": "duplicate"})
     forwarder = app[FORWARDER_KEY]
+    trace_headers = span.kafka_headers()
     try:
         if forwarder is None:
-            answer = await _publish(app[SINK_KEY], event, received_at)
+            answer = await _publish(app[SINK_KEY], event, received_at, trace_headers)
         else:
-            answer = await _publish_or_spool(app, forwarder, event, received_at)
+            answer = await _publish_or_spool(app, forwarder, event, received_at, trace_headers)
     except PublishFailed as exc:
-        logger.warning("callback %s key=%s not acked: %s", event.event_type, event.key, exc.message)
+        logger.warning(
+            "callback %s key=%s not acked: %s",
+            event.event_type,
+            event.key,
+            exc.message,
+            extra={"reason": exc.code, "key": event.key, "event_type": event.event_type},
+        )
         raise
     if dedup is not None:
         dedup.record(event)
     return web.json_response(answer)
 
 
+def _reject(request: web.Request, reason: str, message: str) -> None:
+    """Count and log one refused callback: the reason, never the payload."""
+    request.app[METRICS_KEY].rejected.labels("callback", reason).inc()
+    logger.info("rejected callback from %s: %s (%s)", request.remote, reason, message, extra={"reason": reason})
+
+
 async def _publish(
-    sink: Sink, event: VodEvent, received_at: datetime, timeout_s: float | None = None
+    sink: Sink,
+    event: VodEvent,
+    received_at: datetime,
+    trace_headers: Headers,
+    timeout_s: float | None = None,
 ) -> dict[str, Any]:
-    ack = await sink.publish(event, source="callback", received_at=received_at, timeout_s=timeout_s)
+    ack = await sink.publish(
+        event, source="callback", received_at=received_at, timeout_s=timeout_s, extra_headers=trace_headers
+    )
     return {"status": "published", "topic": ack.topic, "partition": ack.partition, "offset": ack.offset}
 
 
 async def _publish_or_spool(
-    app: web.Application, forwarder: SpoolForwarder, event: VodEvent, received_at: datetime
+    app: web.Application, forwarder: SpoolForwarder, event: VodEvent, received_at: datetime, trace_headers: Headers
 ) -> dict[str, Any]:
     """Kafka first, within the publish budget; the spool when Kafka cannot ack in time.
 
@@ -87,7 +107,7 @@ async def _publish_or_spool(
     sink = app[SINK_KEY]
     if forwarder.depth == 0 and sink.ready:
         try:
-            return await _publish(sink, event, received_at, app[SETTINGS_KEY].spool.publish_budget_s)
+            return await _publish(sink, event, received_at, trace_headers, app[SETTINGS_KEY].spool.publish_budget_s)
         except PublishFailed as exc:
             if not exc.retriable:
                 raise  # Kafka will never take it (e.g. too large): spooling would only block the queue

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final, Literal, Protocol
 
@@ -50,6 +51,7 @@ class Sink(Protocol):
         received_at: datetime,
         topic: str | None = None,
         timeout_s: float | None = None,
+        extra_headers: Sequence[tuple[str, bytes]] = (),
     ) -> Ack: ...
 
     async def publish_dead_letter(
@@ -70,7 +72,7 @@ class IdempotenceUnsupported(ConfigError):
 
 
 def record_headers(
-    event: VodEvent, *, source: Source, received_at: datetime, extra: tuple[tuple[str, bytes], ...] = ()
+    event: VodEvent, *, source: Source, received_at: datetime, extra: Sequence[tuple[str, bytes]] = ()
 ) -> list[tuple[str, bytes]]:
     """The Kafka headers of the record contract (see README "Record contract")."""
     headers = [
@@ -194,9 +196,10 @@ class KafkaSink:
         received_at: datetime,
         topic: str | None = None,
         timeout_s: float | None = None,
+        extra_headers: Sequence[tuple[str, bytes]] = (),
     ) -> Ack:
         """Send one event record and wait for the broker ack. Returns the ack; raises :class:`PublishFailed`."""
-        headers = record_headers(event, source=source, received_at=received_at)
+        headers = record_headers(event, source=source, received_at=received_at, extra=extra_headers)
         target = topic or self._settings.topic_for(event.event_type)
         ack = await self._send(target, event.key.encode(), event.value, headers, source=source, timeout_s=timeout_s)
         self._metrics.published.labels(source, event_type_label(event.event_type)).inc()

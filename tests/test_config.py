@@ -104,3 +104,16 @@ def test_invalid_security_settings(env: dict[str, str], named: str) -> None:
         load_settings(env)
     if named in ("BRIDGE_CALLBACK_TOKEN", "BRIDGE_CALLBACK_SIGN_KEY"):
         assert env[named] not in str(info.value), "a secret's value must not be echoed"
+
+
+def test_readme_metrics_exist() -> None:
+    import re
+    from pathlib import Path
+
+    from bridge.metrics import Metrics
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    documented = set(re.findall(r"`(vod_bridge_[a-z_]+)`", readme))
+    exposed = set(re.findall(r"^# TYPE (\S+) ", Metrics().render().decode(), re.MULTILINE))
+    missing = {name for name in documented if name not in exposed and name.removesuffix("_total") not in exposed}
+    assert documented and not missing
