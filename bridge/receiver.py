@@ -56,7 +56,7 @@ async def _handle(request: web.Request, span: EventSpan) -> web.Response:
     dedup = app[DEDUP_KEY]
     if dedup is not None and dedup.seen(event):
         metrics.duplicates.labels("callback").inc()
-        return web.json_response({"status": "duplicate"})
+        return json_answer({"status": "duplicate"})
     forwarder = app[FORWARDER_KEY]
     trace_headers = span.kafka_headers()
     try:
@@ -75,7 +75,7 @@ async def _handle(request: web.Request, span: EventSpan) -> web.Response:
         raise
     if dedup is not None:
         dedup.record(event)
-    return web.json_response(answer)
+    return json_answer(answer)
 
 
 def _reject(request: web.Request, reason: str, message: str) -> None:
@@ -133,8 +133,12 @@ async def _read_body(request: web.Request) -> bytes:
     if encoding not in ("", "identity"):
         raise UnsupportedEncoding(f"Content-Encoding {encoding[:40]!r} is not accepted; send the JSON as is")
     try:
-        async with asyncio.timeout(settings.body_timeout_s):
+        if request.content.is_eof():
+            # The whole body came with the headers (the usual case): no timer needed to read it.
             body = await request.read()
+        else:
+            async with asyncio.timeout(settings.body_timeout_s):
+                body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"body exceeds the limit of {settings.max_body_bytes} bytes") from None
     except TimeoutError:
@@ -178,6 +182,16 @@ class ClientGone(BridgeError):
 _BODY_NOT_READ = (PayloadTooLarge, UnsupportedEncoding, BodyTimeout, ClientGone)
 
 
+def json_answer(body: object, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response encoded with msgspec (about 5x cheaper than aiohttp's json.dumps)."""
+    return web.Response(
+        body=_json_encoder.encode(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+_json_encoder = msgspec.json.Encoder()
+
+
 def error_body(code: str, message: str) -> dict[str, str]:
     return {"error": code, "message": message}
 
@@ -189,7 +203,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except BridgeError as exc:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, PublishFailed) else None
-        response = web.json_response(error_body(exc.code, exc.message), status=exc.status, headers=headers)
+        response = json_answer(error_body(exc.code, exc.message), status=exc.status, headers=headers)
         if isinstance(exc, _BODY_NOT_READ):
             # Close instead of reading ("lingering" on) a body we refused: a stalled or hostile client
             # must not keep the connection.
@@ -199,11 +213,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return web.json_response(error_body(code, exc.reason), status=exc.status, headers=_allow(exc))
+        return json_answer(error_body(code, exc.reason), status=exc.status, headers=_allow(exc))
     except Exception:
         # A bug must not take the service down or leak internals; VOD will retry the event.
         logger.exception("unhandled error on %s %s", request.method, request.path)
-        return web.json_response(error_body("internal_error", "internal error"), status=500)
+        return json_answer(error_body("internal_error", "internal error"), status=500)
 
 
 def _allow(exc: web.HTTPException) -> dict[str, str] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
@@ -142,7 +143,7 @@ async def test_dev_mode_prints_curl_and_each_record(tmp_path: Path, processes) -
         text=True,
         timeout=30,
     )
-    assert '"status": "published"' in curl.stdout
+    assert json.loads(curl.stdout)["status"] == "published"
     deadline = time.monotonic() + 10
     while "key=125676836723-Pull-f5ac8127b3b6b85cdc13f237c6005d8" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()
