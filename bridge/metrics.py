@@ -25,6 +25,7 @@ class Metrics:
         # The *_created series double the output and no dashboard uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, str, str], Counter] = {}
         r = self.registry
         self.received = Counter("vod_bridge_events_received", "Events received", ["source", "event_type"], registry=r)
         self.published = Counter(
@@ -70,6 +71,21 @@ class Metrics:
         self.spool_depth = Gauge("vod_bridge_spool_depth", "Events in the spool not yet acked by Kafka", registry=r)
         self.in_flight = Gauge("vod_bridge_publish_in_flight", "Publishes awaiting an ack", registry=r)
         self.kafka_connected = Gauge("vod_bridge_kafka_connected", "1 when the producer is connected", registry=r)
+
+    def count_received(self, source: str, event_type: str) -> None:
+        self._child(self.received, source, event_type).inc()
+
+    def count_published(self, source: str, event_type: str) -> None:
+        self._child(self.published, source, event_type).inc()
+
+    def _child(self, counter: Counter, source: str, event_type: str) -> Counter:
+        # labels() takes a lock and builds a key on every call; the hot path looks its child up once. Keyed by
+        # the bounded label, not the raw (caller-controlled) event type, so the cache stays small.
+        key = (id(counter), source, event_type_label(event_type))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(source, key[2])
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

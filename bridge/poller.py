@@ -23,7 +23,7 @@ from .config import PollerSettings
 from .dedup import DedupWindow
 from .errors import InvalidPayload, PublishFailed, UpstreamError
 from .events import decode_event
-from .metrics import Metrics, event_type_label
+from .metrics import Metrics
 from .sink import Sink
 from .tracing import EventSpan, EventTracer, NoTracer
 
@@ -174,7 +174,7 @@ class Poller:
         except InvalidPayload as exc:
             return await self._dead_letter(raw, exc, received_at)
         span.annotate(event)
-        self._metrics.received.labels("pull", event_type_label(event.event_type)).inc()
+        self._metrics.count_received("pull", event.event_type)
         if event.event_handle is None:
             logger.warning("pulled %s key=%s without EventHandle; publishing it anyway", event.event_type, event.key)
         if self._dedup is not None and self._dedup.seen(event):

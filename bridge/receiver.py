@@ -18,7 +18,6 @@ from .errors import BodyTimeout, BridgeError, InvalidPayload, PayloadTooLarge, P
 from .events import VodEvent, decode_event
 from .forwarder import SpoolForwarder
 from .keys import DEDUP_KEY, FORWARDER_KEY, METRICS_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY, TRACER_KEY
-from .metrics import event_type_label
 from .sink import Sink
 from .tracing import EventSpan, Headers
 
@@ -52,7 +51,7 @@ async def _handle(request: web.Request, span: EventSpan) -> web.Response:
         _reject(request, exc.code, exc.message)
         raise
 
-    metrics.received.labels("callback", event_type_label(event.event_type)).inc()
+    metrics.count_received("callback", event.event_type)
     dedup = app[DEDUP_KEY]
     if dedup is not None and dedup.seen(event):
         metrics.duplicates.labels("callback").inc()

@@ -16,7 +16,7 @@ from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaErro
 from .config import KafkaSettings
 from .errors import ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
 from .events import VodEvent
-from .metrics import Metrics, event_type_label
+from .metrics import Metrics
 from .timefmt import rfc3339_utc
 
 logger = logging.getLogger("bridge.sink")
@@ -101,6 +101,7 @@ class KafkaSink:
         self._metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._in_flight = 0
+        metrics.in_flight.set_function(lambda: self._in_flight)
 
     @property
     def ready(self) -> bool:
@@ -202,7 +203,7 @@ class KafkaSink:
         headers = record_headers(event, source=source, received_at=received_at, extra=extra_headers)
         target = topic or self._settings.topic_for(event.event_type)
         ack = await self._send(target, event.key.encode(), event.value, headers, source=source, timeout_s=timeout_s)
-        self._metrics.published.labels(source, event_type_label(event.event_type)).inc()
+        self._metrics.count_published(source, event.event_type)
         return ack
 
     async def publish_dead_letter(
@@ -247,7 +248,6 @@ class KafkaSink:
         if self._in_flight >= self._settings.max_in_flight:
             raise Overloaded(f"{self._in_flight} publishes already awaiting a Kafka ack", retry_after_s=1)
         self._in_flight += 1
-        self._metrics.in_flight.inc()
         started = time.perf_counter()
         try:
             # Bounds both the wait for buffer space/metadata in send() and the wait for the ack; a record
@@ -272,6 +272,5 @@ class KafkaSink:
             ) from exc
         finally:
             self._in_flight -= 1
-            self._metrics.in_flight.dec()
         self._metrics.publish_latency.observe(time.perf_counter() - started)
         return ack
