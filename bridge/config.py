@@ -38,8 +38,9 @@ class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
     enable_idempotence: bool = True
     #: How long a publish may wait for the broker ack before the caller gets a 503 / no confirm.
     publish_timeout_s: float = 10.0
-    #: Producer batching: wait up to linger_ms to fill batches of up to max_batch_bytes.
-    linger_ms: int = 5
+    #: Producer batching: wait up to linger_ms to fill batches of up to max_batch_bytes. 0 still batches
+    #: whatever accumulates while a produce request is in flight, without adding latency (docs/performance.md).
+    linger_ms: int = 0
     max_batch_bytes: int = 65536
     compression: CompressionType = "none"
     client_id: str = "vod-kafka-bridge"

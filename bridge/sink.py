@@ -17,6 +17,7 @@ from .config import KafkaSettings
 from .errors import ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
 from .events import VodEvent
 from .metrics import Metrics
+from .partitioner import partition_for
 from .timefmt import rfc3339_utc
 
 logger = logging.getLogger("bridge.sink")
@@ -126,6 +127,7 @@ class KafkaSink:
             # it too (README "Kafka requirements").
             "max_request_size": self._max_request_bytes,
             "security_protocol": s.security_protocol,
+            "partitioner": partition_for,
         }
         if s.sasl_mechanism is not None:
             kwargs |= {
