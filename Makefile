@@ -23,6 +23,14 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# The benchmark (docs/performance.md): ~1.5 minutes; pass options with BENCH_ARGS='--duration 8 --workers 2'.
+$(VENV)/.bench-installed: $(STAMP) pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 schemas: $(STAMP)
 	$(BIN)/vod-bridge schema --write schemas
 
