@@ -116,6 +116,8 @@ class PollerSettings(msgspec.Struct, frozen=True, kw_only=True):
     backoff_max_s: float = 30.0
     #: Confirms later than this after the pull are logged as warnings (VOD re-delivers after 30 s).
     confirm_warn_after_s: float = 20.0
+    #: Pipelining: pulled batches being published/confirmed while the next PullEvents runs.
+    max_batches_in_flight: int = 2
 
 
 class SpoolSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -205,6 +207,7 @@ ENV_VARS: Final = (
     EnvVar("BRIDGE_PULL_BACKOFF_INITIAL_S", "poller.backoff_initial_s", "first back-off delay"),
     EnvVar("BRIDGE_PULL_BACKOFF_MAX_S", "poller.backoff_max_s", "longest back-off delay"),
     EnvVar("BRIDGE_PULL_CONFIRM_WARN_AFTER_S", "poller.confirm_warn_after_s", "warn on confirms this late"),
+    EnvVar("BRIDGE_PULL_MAX_BATCHES_IN_FLIGHT", "poller.max_batches_in_flight", "pipelined batches"),
     EnvVar("BRIDGE_WORKERS", "workers", "worker processes sharing the port"),
     EnvVar("BRIDGE_EVENT_LOOP", "event_loop", "auto, asyncio or uvloop"),
     EnvVar("BRIDGE_OTEL_ENABLED", "otel_enabled", "OpenTelemetry spans and traceparent headers"),
@@ -319,6 +322,7 @@ def _validate(settings: Settings) -> None:
             "BRIDGE_KAFKA_DEAD_LETTER_TOPIC: not a valid topic",
         ),
         (poller.idle_interval_s >= 0, "BRIDGE_PULL_IDLE_INTERVAL_S: must be >= 0"),
+        (1 <= poller.max_batches_in_flight <= 16, "BRIDGE_PULL_MAX_BATCHES_IN_FLIGHT: must be 1..16"),
         (
             0 < poller.backoff_initial_s <= poller.backoff_max_s,
             "BRIDGE_PULL_BACKOFF_INITIAL_S: must be > 0 and <= BRIDGE_PULL_BACKOFF_MAX_S",

@@ -104,41 +104,51 @@ class Poller:
         self._stopping.set()
 
     async def run(self) -> None:
+        """Pull and process batches until :meth:`stop`.
+
+        Pipelined: while up to ``max_batches_in_flight`` pulled batches are being published and confirmed,
+        the next PullEvents is already under way. Each batch still confirms only its own acked handles.
+        """
         logger.info("poller started: PullEvents -> kafka -> ConfirmEvents")
         backoff = _Backoff(self._settings.backoff_initial_s, self._settings.backoff_max_s)
-        while not self._stopping.is_set():
-            if not self._sink.ready:
-                # Pulling before Kafka answers would only hand events out to let their window expire.
-                await self._pause(0.2)
-                continue
-            started = time.monotonic()
-            try:
-                raw_events = await self._until_stopped(self._api.pull_events())
-            except UpstreamError as exc:
-                self._metrics.pulls.labels("error").inc()
-                delay_s = backoff.next_delay_s()
-                log = logger.warning if exc.retriable else logger.error
-                log("PullEvents failed (%s); retrying in %.2fs", exc.message, delay_s)
-                await self._pause(delay_s)
-                continue
-            if raw_events is None:  # stopped while waiting for the long poll
-                break
-            self.stats.pulls += 1
-            self._metrics.pulls.labels("events" if raw_events else "empty").inc()
-            if not raw_events:
-                backoff.reset()
-                # A long poll already waited server-side; an instant empty answer means pace ourselves.
-                if time.monotonic() - started < self._settings.idle_interval_s:
-                    await self._pause(self._settings.idle_interval_s)
-                continue
-            all_acked = await self.process_batch(raw_events, pulled_at=time.monotonic())
-            if all_acked:
-                backoff.reset()
-            else:
-                # Kafka is refusing records: pulling more would only churn the visibility window.
-                delay_s = backoff.next_delay_s()
-                logger.warning("kafka did not ack every event; next pull in %.2fs", delay_s)
-                await self._pause(delay_s)
+        in_flight: set[asyncio.Task[bool]] = set()
+        try:
+            while not self._stopping.is_set():
+                if not self._sink.ready:
+                    # Pulling before Kafka answers would only hand events out to let their window expire.
+                    await self._pause(0.2)
+                    continue
+                while len(in_flight) >= self._settings.max_batches_in_flight:
+                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    await self._after_batches(done, backoff)
+                started = time.monotonic()
+                try:
+                    raw_events = await self._until_stopped(self._api.pull_events())
+                except UpstreamError as exc:
+                    self._metrics.pulls.labels("error").inc()
+                    delay_s = backoff.next_delay_s()
+                    log = logger.warning if exc.retriable else logger.error
+                    log("PullEvents failed (%s); retrying in %.2fs", exc.message, delay_s)
+                    await self._pause(delay_s)
+                    continue
+                if raw_events is None:  # stopped while waiting for the long poll
+                    break
+                self.stats.pulls += 1
+                self._metrics.pulls.labels("events" if raw_events else "empty").inc()
+                if not raw_events:
+                    # A long poll already waited server-side; an instant empty answer means pace ourselves.
+                    if time.monotonic() - started < self._settings.idle_interval_s:
+                        await self._pause(self._settings.idle_interval_s)
+                    continue
+                batch = asyncio.create_task(self.process_batch(raw_events, pulled_at=time.monotonic()))
+                in_flight.add(batch)
+                done = {task for task in in_flight if task.done()}
+                in_flight -= done
+                await self._after_batches(done, backoff)
+        finally:
+            # Batches already pulled are always finished: their acked events get confirmed.
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
         logger.info(
             "poller stopped: %d pulls, %d events, %d confirmed, %d left for re-delivery, max confirm age %.3fs",
             self.stats.pulls,
@@ -147,6 +157,17 @@ class Poller:
             self.stats.not_confirmed,
             self.stats.max_confirm_age_s,
         )
+
+    async def _after_batches(self, done: set[asyncio.Task[bool]], backoff: _Backoff) -> None:
+        if not done:
+            return
+        if all(task.result() for task in done):
+            backoff.reset()
+            return
+        # Kafka is refusing records: pulling more would only churn the visibility window.
+        delay_s = backoff.next_delay_s()
+        logger.warning("kafka did not ack every event; next pull in %.2fs", delay_s)
+        await self._pause(delay_s)
 
     async def process_batch(self, raw_events: Sequence[bytes], *, pulled_at: float) -> bool:
         """Publish one pulled batch concurrently, then confirm exactly the acked handles.

@@ -299,3 +299,33 @@ async def _recreate_topic(bootstrap_servers: str, topic: str) -> None:
         await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
     finally:
         await admin.close()
+
+
+class SlowAcks(AckClock):
+    """The real sink, with each ack held back a little: long enough to see the next pull overlap."""
+
+    async def publish(self, event: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await super().publish(event, **kwargs)
+
+
+@pytest.mark.parametrize(("batches_in_flight", "pipelined"), [(2, True), (1, False)])
+async def test_next_pull_overlaps_the_publishing_batch(
+    kafka: Kafka, topic: str, fake_vod: FakeVod, vod_client: VodClient, *, batches_in_flight: int, pipelined: bool
+) -> None:
+    metrics = Metrics()
+    sink = SlowAcks(await connected_sink(kafka_settings(kafka, topic), metrics))
+    for i in range(48):
+        fake_vod.add_event(sample_event(f"pipe-{i}"))
+    settings = poller_settings(topic, max_batches_in_flight=batches_in_flight)
+    poller = Poller(vod_client, sink, settings, metrics)
+    try:
+        await run_until(poller, lambda: not fake_vod.pending_ids)
+    finally:
+        await sink.inner.close()
+    actions = [r.action for r in fake_vod.requests if r.outcome == "ok"]
+    first_confirm = actions.index("ConfirmEvents")
+    assert (actions[:first_confirm].count("PullEvents") >= 2) is pipelined, actions
+    for handle, _, confirmed_at in fake_vod.confirmed:
+        assert confirmed_at >= sink.acked_at[handle], "pipelining must not move a confirm before its ack"
+    assert poller.stats.confirmed == 48
