@@ -16,8 +16,8 @@ run: $(STAMP)
 	$(BIN)/vod-bridge dev
 
 lint: $(STAMP)
-	$(BIN)/ruff check bridge tests
-	$(BIN)/ruff format --check bridge tests
+	$(BIN)/ruff check bridge tests bench examples
+	$(BIN)/ruff format --check bridge tests bench examples
 	$(BIN)/mypy
 
 test: lint
