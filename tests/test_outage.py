@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from conftest import read_records, sample_event
+from faultkit import create_topic
 
 from bridge.config import HttpSettings, KafkaSettings, Settings
 from bridge.embedded import EmbeddedBroker
@@ -50,12 +50,7 @@ async def test_broker_stopped_gives_503_then_recovers(own_broker: EmbeddedBroker
     own_broker.start()
     # tansu keeps topics in memory: a restarted broker has forgotten the topic, and a producer with cached
     # metadata does not re-trigger auto-creation. A real Kafka keeps its topics, so recreate it here.
-    admin = AIOKafkaAdminClient(bootstrap_servers=own_broker.bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(own_broker.bootstrap_servers, topic)
     deadline = time.monotonic() + 20
     statuses = []
     while time.monotonic() < deadline:

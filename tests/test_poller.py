@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from conftest import Kafka, headers_of, read_records, sample_event, value_of, wait_until
 from fakevod import FakeVod
+from faultkit import create_topic
 
 from bridge.app import create_app
 from bridge.config import KafkaSettings, PollerSettings
@@ -172,7 +172,7 @@ async def test_kafka_down_nothing_confirmed_then_everything_arrives(
             assert poller.stats.published == 0
 
             broker.start()
-            await _recreate_topic(broker.bootstrap_servers, topic)  # tansu forgets topics on restart
+            await create_topic(broker.bootstrap_servers, topic)  # tansu forgets topics on restart
             await wait_until(lambda: not fake_vod.pending_ids, timeout_s=40)
         finally:
             poller.stop()
@@ -290,15 +290,6 @@ async def test_app_runs_the_poller_without_the_receiver(kafka: Kafka, topic: str
         await client.close()
     (record,) = await read_records(kafka.bootstrap_servers, topic, count=1)
     assert record.key == b"via-app" and headers_of(record)["source"] == "pull"
-
-
-async def _recreate_topic(bootstrap_servers: str, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
-    finally:
-        await admin.close()
 
 
 class SlowAcks(AckClock):

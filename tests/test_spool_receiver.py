@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from conftest import headers_of, read_records, sample_event, value_of, wait_until
+from faultkit import create_topic
 
 from bridge.config import HttpSettings, KafkaSettings, Settings, SpoolSettings
 from bridge.embedded import EmbeddedBroker, free_port
@@ -24,15 +24,6 @@ def spool_settings(bootstrap: str, topic: str, spool_dir: Path, **spool: object)
         http=HttpSettings(),
         spool=SpoolSettings(dir=str(spool_dir), publish_budget_s=0.5, **spool),  # type: ignore[arg-type]
     )
-
-
-async def create_topic(bootstrap: str, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
 
 
 async def test_spooled_while_kafka_is_away_then_forwarded_in_order(make_client, topic, tmp_path) -> None:
