@@ -221,6 +221,9 @@ TRANSPORT_FIELDS: Final = frozenset({"EventHandle", "Sign", "T"})
 #: For types missing from ``EVENT_TYPES``: the payload's first present field of these becomes the key.
 FALLBACK_KEY_FIELDS: Final = ("TaskId", "FileId")
 
+#: Bound on a natural key (TaskId, FileId, ...): FileDeleted may join many FileIds, real ids are short.
+MAX_KEY_LEN: Final = 4096
+
 #: Bound on EventType length; anything longer is not a VOD event type and would bloat headers/metrics.
 MAX_EVENT_TYPE_LEN: Final = 128
 
@@ -361,6 +364,11 @@ def _natural_key(payload: VodStruct, spec: EventSpec) -> str:
             f"{spec.payload_field}.{spec.key_field} is missing or empty; it is the Kafka key",
             reason="missing_key",
         )
+    if len(key) > MAX_KEY_LEN:
+        # Real ids are tens of characters; a huge one would bloat every log line and index that holds keys.
+        raise InvalidPayload(
+            f"{spec.payload_field}.{spec.key_field} is longer than {MAX_KEY_LEN} characters", reason="key_too_long"
+        )
     return key
 
 
@@ -381,6 +389,6 @@ def _fallback_key(envelope: dict[str, msgspec.Raw]) -> str | None:
                 key = _str_decoder.decode(candidate)
             except msgspec.ValidationError:
                 continue
-            if key:
+            if key and len(key) <= MAX_KEY_LEN:
                 return key
     return None

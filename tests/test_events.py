@@ -156,6 +156,7 @@ BAD_INPUTS = [
     (b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": 5}}', "wrong_type"),
     (b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "t", "ErrCode": "0"}}', "wrong_type"),
     (b'{"EventType": "FileDeleted", "FileDeleteEvent": {"FileIdSet": []}}', "missing_key"),
+    (b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "' + b"t" * 5000 + b'"}}', "key_too_long"),
     (b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "t"}, "EventHandle": 1}', "wrong_type"),
 ]
 
@@ -174,3 +175,8 @@ def test_wrong_type_names_the_json_path() -> None:
     body["PullCompleteEvent"]["MediaBasicInfo"]["ClassId"] = "zero"
     with pytest.raises(InvalidPayload, match=r"PullCompleteEvent: .*\$\.MediaBasicInfo\.ClassId"):
         decode_event(encode(body))
+
+
+def test_unknown_type_with_an_absurd_task_id_is_keyed_by_hash() -> None:
+    event = decode_event(encode({"EventType": "Z", "ZEvent": {"TaskId": "t" * 5000}}))
+    assert event.key == content_key(event.value)
