@@ -23,7 +23,7 @@ import msgspec
 from aiohttp import web
 
 from . import __version__
-from .app import create_app, runner_options
+from .app import create_app, freeze_gc, runner_options
 from .auth import expected_sign
 from .config import EventLoop, Settings, load_settings
 from .embedded import EmbeddedBroker
@@ -157,6 +157,7 @@ def serve(
         signal.raise_signal(signal.SIGTERM)
 
     app = create_app(settings, credentials=credentials, on_fatal=on_fatal)
+    app.on_startup.append(freeze_gc)
     for ctx in extra_cleanup:
         app.cleanup_ctx.append(ctx)
     logger.info(
