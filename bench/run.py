@@ -460,6 +460,35 @@ def fmt_ms(value: float | None) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
+def _figures(r: dict[str, Any], *, markdown: bool) -> list[str]:
+    """One scenario's cells, shared by the terminal table and the Markdown table (which adds a label column)."""
+    lat = r["latency_ms"]
+    if r["mode"] == "open":
+        load = f"fixed {r['target_rate']:.0f}/s" if markdown else f"open {r['target_rate']:.0f}/s"
+    elif r["mode"] == "poller":
+        load = f"{r['events']} events"
+    else:
+        load = f"closed, {r['connections']} conn." if markdown else f"closed {r['connections']}c"
+    errors = (r.get("non_2xx") or 0) + (r.get("conn_errors") or 0) + (r.get("unanswered") or 0)
+    key = f"`{r['key']}`" if markdown else r["key"]
+    return [
+        key,
+        *([r["label"]] if markdown else []),
+        load,
+        f"{r['rps']:.0f}",
+        fmt_ms(lat["p50"]),
+        fmt_ms(lat["p99"]),
+        fmt_ms(lat["p999"]),
+        fmt(r["server_cpu_s_per_1k"], ".3f"),
+        fmt(r["server_cores"], ".2f"),
+        fmt(r["broker_cpu_s_per_1k"], ".3f"),
+        f"{r['peak_rss_mib']:.0f}",
+        fmt(r.get("loadgen_core_fraction"), ".2f"),
+        fmt(r.get("other_cores"), ".2f"),
+        str(errors),
+    ]
+
+
 def table(results: Sequence[dict[str, Any]]) -> str:
     header = (
         "scenario",
@@ -476,33 +505,7 @@ def table(results: Sequence[dict[str, Any]]) -> str:
         "other cores",
         "errors",
     )
-    rows = [header]
-    for r in results:
-        lat = r["latency_ms"]
-        if r["mode"] == "open":
-            load = f"open {r['target_rate']:.0f}/s"
-        elif r["mode"] == "poller":
-            load = f"{r['events']} events"
-        else:
-            load = f"closed {r['connections']}c"
-        errors = (r.get("non_2xx") or 0) + (r.get("conn_errors") or 0) + (r.get("unanswered") or 0)
-        rows.append(
-            (
-                r["key"],
-                load,
-                f"{r['rps']:.0f}",
-                fmt_ms(lat["p50"]),
-                fmt_ms(lat["p99"]),
-                fmt_ms(lat["p999"]),
-                fmt(r["server_cpu_s_per_1k"], ".3f"),
-                fmt(r["server_cores"], ".2f"),
-                fmt(r["broker_cpu_s_per_1k"], ".3f"),
-                f"{r['peak_rss_mib']:.0f}",
-                fmt(r.get("loadgen_core_fraction"), ".2f"),
-                fmt(r.get("other_cores"), ".2f"),
-                str(errors),
-            )
-        )
+    rows = [header, *(tuple(_figures(r, markdown=False)) for r in results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [
         "  ".join(
@@ -522,31 +525,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
-        lat = r["latency_ms"]
-        if r["mode"] == "open":
-            load = f"fixed {r['target_rate']:.0f}/s"
-        elif r["mode"] == "poller":
-            load = f"{r['events']} events"
-        else:
-            load = f"closed, {r['connections']} conn."
-        errors = (r.get("non_2xx") or 0) + (r.get("conn_errors") or 0) + (r.get("unanswered") or 0)
-        cells = [
-            f"`{r['key']}`",
-            r["label"],
-            load,
-            f"{r['rps']:.0f}",
-            fmt_ms(lat["p50"]),
-            fmt_ms(lat["p99"]),
-            fmt_ms(lat["p999"]),
-            fmt(r["server_cpu_s_per_1k"], ".3f"),
-            fmt(r["server_cores"], ".2f"),
-            fmt(r["broker_cpu_s_per_1k"], ".3f"),
-            f"{r['peak_rss_mib']:.0f}",
-            fmt(r.get("loadgen_core_fraction"), ".2f"),
-            fmt(r.get("other_cores"), ".2f"),
-            str(errors),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_figures(r, markdown=True)) + " |")
     return "\n".join(lines) + "\n"
 
 
