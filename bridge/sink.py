@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -72,6 +73,13 @@ class IdempotenceUnsupported(ConfigError):
     """The broker rejected the idempotent producer's InitProducerId request."""
 
 
+def _sender_died(producer: AIOKafkaProducer) -> bool:
+    """True when the producer's background sender has ended: it will never deliver again."""
+    sender = getattr(producer, "_sender", None)  # aiokafka keeps no public handle on it
+    task = getattr(sender, "sender_task", None)
+    return task is not None and task.done()
+
+
 def record_headers(
     event: VodEvent, *, source: Source, received_at: datetime, extra: Sequence[tuple[str, bytes]] = ()
 ) -> list[tuple[str, bytes]]:
@@ -101,6 +109,7 @@ class KafkaSink:
         self._max_request_bytes = max_record_bytes + 64 * 1024
         self._metrics = metrics
         self._producer: AIOKafkaProducer | None = None
+        self._replacing: asyncio.Task[None] | None = None
         self._in_flight = 0
         metrics.in_flight.set_function(lambda: self._in_flight)
 
@@ -185,11 +194,39 @@ class KafkaSink:
 
     async def close(self) -> None:
         """Flush every buffered record and close the producer."""
+        if self._replacing is not None:
+            self._replacing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replacing
         producer, self._producer = self._producer, None
         self._metrics.kafka_connected.set(0)
         if producer is not None:
             await producer.stop()
             logger.info("kafka producer flushed and closed")
+
+    def _replace(self, broken: AIOKafkaProducer) -> None:
+        """Swap a producer whose sender routine died for a new one, in the background.
+
+        aiokafka's sender task can end on an unexpected error (seen: uvloop refusing a write to a transport a
+        network reset had closed); the producer then fails every send for good. Until the replacement
+        connects, publishes get :class:`NotReady` (503), so nothing is acknowledged without Kafka.
+        """
+        if self._producer is not broken or self._replacing is not None:
+            return
+        self._producer = None
+        self._metrics.kafka_connected.set(0)
+        logger.error("kafka producer's sender stopped unexpectedly; replacing the producer")
+        self._replacing = asyncio.create_task(self._reconnect(broken), name="kafka-reconnect")
+
+    async def _reconnect(self, broken: AIOKafkaProducer) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                await broken.stop()
+            await self.connect()
+        except Exception:
+            logger.exception("could not replace the kafka producer; publishes stay unavailable (503)")
+        finally:
+            self._replacing = None
 
     async def publish(
         self,
@@ -247,6 +284,9 @@ class KafkaSink:
         producer = self._producer
         if producer is None:
             raise NotReady("kafka producer is not connected yet")
+        if _sender_died(producer):
+            self._replace(producer)
+            raise NotReady("kafka producer failed and is being replaced")
         if self._in_flight >= self._settings.max_in_flight:
             raise Overloaded(f"{self._in_flight} publishes already awaiting a Kafka ack", retry_after_s=1)
         self._in_flight += 1
@@ -259,6 +299,8 @@ class KafkaSink:
                 ack: Ack = await delivery
         except TimeoutError:
             self._metrics.publish_failed.labels(source, "timeout").inc()
+            if _sender_died(producer):
+                self._replace(producer)
             raise PublishFailed(
                 f"no Kafka ack within {timeout_s or self._settings.publish_timeout_s:g}s for topic {topic}"
             ) from None
@@ -269,6 +311,8 @@ class KafkaSink:
             ) from exc
         except KafkaError as exc:
             self._metrics.publish_failed.labels(source, type(exc).__name__).inc()
+            if _sender_died(producer):
+                self._replace(producer)
             raise PublishFailed(
                 f"kafka error for topic {topic}: {type(exc).__name__}", retriable=bool(exc.retriable)
             ) from exc

@@ -62,3 +62,26 @@ async def test_broker_stopped_gives_503_then_recovers(own_broker: EmbeddedBroker
     assert set(statuses) <= {200, 503}, "while recovering the bridge answers 503, never anything else"
     records = await read_records(own_broker.bootstrap_servers, topic, count=1)
     assert {r.key for r in records} == {b"after"}
+
+
+async def test_a_producer_whose_sender_died_is_replaced(kafka, make_settings, make_client, topic) -> None:
+    """aiokafka's sender task can die on an unexpected error (seen under uvloop after a network reset); the
+    producer then never delivers again. The sink must notice, answer 503 meanwhile, and reconnect."""
+    from conftest import wait_until
+
+    from bridge.keys import SINK_KEY
+
+    client = await make_client(make_settings())
+    assert (await client.post("/vod/callback", json=sample_event("before"))).status == 200
+    sink = client.server.app[SINK_KEY]
+    broken = sink._producer
+    broken._sender.sender_task.cancel()  # the same end state as the crash: no sender routine any more
+    await wait_until(broken._sender.sender_task.done, timeout_s=5)
+
+    response = await client.post("/vod/callback", json=sample_event("during"))
+    assert response.status == 503
+    await wait_until(lambda: sink.ready and sink._producer is not broken, timeout_s=20)
+    assert (await client.post("/vod/callback", json=sample_event("after"))).status == 200
+    records = await read_records(kafka.bootstrap_servers, topic, count=2, settle_s=1.0)
+    # "during" was refused before it reached the producer, so it is not in Kafka.
+    assert sorted(r.key for r in records) == [b"after", b"before"]
