@@ -203,6 +203,17 @@ def new_event_loop(choice: EventLoop) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+def local_callback_url(settings: Settings) -> str:
+    """The callback URL of a bridge on this machine (a wildcard listen address is reached via loopback)."""
+    host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::") else settings.http.host
+    return f"http://{host}:{settings.http.port}{settings.http.callback_path}"
+
+
+def event_topics(settings: Settings) -> set[str]:
+    """Every topic events may be published to: the default one and the routed ones."""
+    return {settings.kafka.topic, *settings.kafka.topic_routes.values()}
+
+
 def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
     """`make run`: an embedded tansu broker, the bridge on it, a ready curl line and a live record printer."""
     broker = EmbeddedBroker()
@@ -213,8 +224,7 @@ def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
     )
     settings = msgspec.structs.replace(settings, kafka=kafka)
     logger.info("embedded tansu broker on %s (in memory; idempotent producer off for tansu)", broker.bootstrap_servers)
-    host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::") else settings.http.host
-    url = f"http://{host}:{settings.http.port}{settings.http.callback_path}"
+    url = local_callback_url(settings)
     banner = (
         "\nvod-bridge dev is up. Send the sample PullComplete event with:\n\n"
         f"  curl -sS -X POST {url} -H 'Content-Type: application/json' --data-binary @{sample_path()}\n\n"
@@ -222,9 +232,9 @@ def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
     )
 
     async def record_printer(app: web.Application) -> AsyncIterator[None]:
-        topics = {settings.kafka.topic, *settings.kafka.topic_routes.values()}
         task = asyncio.create_task(
-            tail(broker.bootstrap_servers, topics, out=sys.stdout, from_beginning=True), name="dev-printer"
+            tail(broker.bootstrap_servers, event_topics(settings), out=sys.stdout, from_beginning=True),
+            name="dev-printer",
         )
         print(banner, flush=True)
         yield
@@ -239,12 +249,11 @@ def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:
-    topics = {settings.kafka.topic, *settings.kafka.topic_routes.values()}
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             tail(
                 settings.kafka.bootstrap_servers,
-                topics,
+                event_topics(settings),
                 out=sys.stdout,
                 event_type=args.event_type,
                 key=args.key,
@@ -271,8 +280,7 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
             event["T"] = int(time.time()) + 600
             event["Sign"] = expected_sign(settings.http.sign_key, event["T"])
         body = msgspec.json.encode(event)
-    host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::") else settings.http.host
-    url = args.url or f"http://{host}:{settings.http.port}{settings.http.callback_path}"
+    url = args.url or local_callback_url(settings)
     if settings.http.token is not None and not args.url:
         url += f"?token={settings.http.token}"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
