@@ -10,7 +10,8 @@ see every record acked so far; "reached Kafka" means "seen by the witness".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -50,35 +51,41 @@ def env_for(bootstrap: str, topic: str, **extra: str) -> dict[str, str]:
     )
 
 
-async def test_broker_killed_mid_load_and_restarted(topic, tmp_path: Path, bridges) -> None:
+@contextlib.asynccontextmanager
+async def behind_a_proxy(
+    topic: str, tmp_path: Path, bridges: list[BridgeProcess]
+) -> AsyncIterator[tuple[EmbeddedBroker, TcpProxy, BridgeProcess, Witness]]:
+    """A broker advertising a TCP proxy in front of it, the topic, a running bridge and a witness, all
+    reaching Kafka through the proxy, so the test can cut the network or swap the broker behind it."""
     proxy_port = free_port()
-    broker = EmbeddedBroker(advertised_port=proxy_port)
-    broker.start()
-    try:
+    with EmbeddedBroker(advertised_port=proxy_port) as broker:
         async with TcpProxy("127.0.0.1", broker.port, listen_port=proxy_port) as proxy:
             await create_topic(proxy.address, topic)
             bridge = BridgeProcess(env_for(proxy.address, topic), tmp_path / "bridge.log")
             bridges.append(bridge)
             await bridge.start()
-            report = LoadReport()
-            keys = [f"bk-{i}" for i in range(300)]
             async with Witness(proxy.address, topic) as witness:
-                load = asyncio.create_task(drive(bridge.url, keys, concurrency=8, report=report))
-                while len(report.acked) < 100:
-                    await asyncio.sleep(0.01)
-                await report.pause()
-                assert not await witness.wait_for(set(report.acked), timeout_s=10)
-                proxy.cut("reset")  # keeps clients away from the restarted broker until its topic exists
-                broker.kill()
-                report.gate.set()  # the load goes on against a bridge without Kafka
-                await asyncio.sleep(3.5)  # longer than the 2 s publish timeout: callers see 503s
-                broker.start()
-                create_topic_on(broker, topic)
-                proxy.restore()
-                await load
-                lost = await witness.wait_for(set(report.acked))
-    finally:
-        broker.stop()
+                yield broker, proxy, bridge, witness
+
+
+async def test_broker_killed_mid_load_and_restarted(topic, tmp_path: Path, bridges) -> None:
+    report = LoadReport()
+    keys = [f"bk-{i}" for i in range(300)]
+    async with behind_a_proxy(topic, tmp_path, bridges) as (broker, proxy, bridge, witness):
+        load = asyncio.create_task(drive(bridge.url, keys, concurrency=8, report=report))
+        while len(report.acked) < 100:
+            await asyncio.sleep(0.01)
+        await report.pause()
+        assert not await witness.wait_for(set(report.acked), timeout_s=10)
+        proxy.cut("reset")  # keeps clients away from the restarted broker until its topic exists
+        broker.kill()
+        report.gate.set()  # the load goes on against a bridge without Kafka
+        await asyncio.sleep(3.5)  # longer than the 2 s publish timeout: callers see 503s
+        broker.start()
+        create_topic_on(broker, topic)
+        proxy.restore()
+        await load
+        lost = await witness.wait_for(set(report.acked))
     summary("broker killed", report, witness, lost)
     assert report.statuses.get(503, 0) > 0, "the outage was seen as 503s"
     assert len(report.acked) == len(keys), "every event got its 200 after VOD-like retries"
@@ -87,24 +94,17 @@ async def test_broker_killed_mid_load_and_restarted(topic, tmp_path: Path, bridg
 
 @pytest.mark.parametrize("mode", ["reset", "blackhole"])
 async def test_network_cut_between_bridge_and_kafka(mode, topic, tmp_path: Path, bridges) -> None:
-    proxy_port = free_port()
-    with EmbeddedBroker(advertised_port=proxy_port) as broker:
-        async with TcpProxy("127.0.0.1", broker.port, listen_port=proxy_port) as proxy:
-            await create_topic(proxy.address, topic)
-            bridge = BridgeProcess(env_for(proxy.address, topic), tmp_path / "bridge.log")
-            bridges.append(bridge)
-            await bridge.start()
-            report = LoadReport()
-            keys = [f"cut-{mode}-{i}" for i in range(200)]
-            async with Witness(proxy.address, topic) as witness:
-                load = asyncio.create_task(drive(bridge.url, keys, concurrency=8, report=report))
-                while len(report.acked) < 50:
-                    await asyncio.sleep(0.01)
-                proxy.cut(mode)
-                await asyncio.sleep(3)
-                proxy.restore()
-                await load
-                lost = await witness.wait_for(set(report.acked))
+    report = LoadReport()
+    keys = [f"cut-{mode}-{i}" for i in range(200)]
+    async with behind_a_proxy(topic, tmp_path, bridges) as (_, proxy, bridge, witness):
+        load = asyncio.create_task(drive(bridge.url, keys, concurrency=8, report=report))
+        while len(report.acked) < 50:
+            await asyncio.sleep(0.01)
+        proxy.cut(mode)
+        await asyncio.sleep(3)
+        proxy.restore()
+        await load
+        lost = await witness.wait_for(set(report.acked))
     summary(f"network cut ({mode})", report, witness, lost)
     assert report.statuses.get(503, 0) > 0
     assert len(report.acked) == len(keys)
