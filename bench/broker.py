@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from bridge.embedded import EmbeddedBroker
+from bridge.ops.embedded import EmbeddedBroker
 
 
 def main() -> int:

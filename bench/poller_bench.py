@@ -5,8 +5,8 @@ Two processes, so their CPU is counted apart:
 * ``fakevod``: the fake VOD API (real HTTP server, TC3 signature check on every call, 16 events per pull),
   preloaded with ``--events`` PullComplete events of distinct TaskIds; prints its endpoint, runs until stdin
   closes.
-* ``poller``: the real :class:`bridge.poller.Poller` with :class:`bridge.vodapi.VodClient` and
-  :class:`bridge.sink.KafkaSink` (acks=all) — the same wiring as ``bridge.app`` — timed from its start until
+* ``poller``: the real :class:`bridge.sources.poller.Poller` with :class:`bridge.vod.api.VodClient` and
+  :class:`bridge.delivery.kafka.KafkaSink` (acks=all) — the same wiring as ``bridge.app`` — timed from its start until
   every event is confirmed.
 """
 
@@ -45,11 +45,11 @@ async def serve_fakevod(events: int) -> None:
 
 async def run_poller(args: argparse.Namespace) -> dict[str, Any]:
     from bridge.config import KafkaSettings, PollerSettings
-    from bridge.events import decode_event
-    from bridge.metrics import Metrics
-    from bridge.poller import Poller
-    from bridge.sink import KafkaSink
-    from bridge.vodapi import Credentials, VodClient
+    from bridge.delivery.kafka import KafkaSink
+    from bridge.ops.metrics import Metrics
+    from bridge.sources.poller import Poller
+    from bridge.vod.api import Credentials, VodClient
+    from bridge.vod.events import decode_event
 
     metrics = Metrics()
     kafka = KafkaSettings(

@@ -56,7 +56,7 @@ def log(message: str) -> None:
 
 
 def free_port() -> int:
-    from bridge.embedded import free_port as _free_port
+    from bridge.ops.embedded import free_port as _free_port
 
     return _free_port()
 
@@ -713,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown := only - set(SCENARIOS):
         print(f"unknown scenarios: {','.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    from bridge.embedded import EmbeddedBroker, broker_binary
+    from bridge.ops.embedded import EmbeddedBroker, broker_binary
 
     features = serve_features()
     wanted_loop = ("uvloop" if uvloop_available() else "asyncio") if args.loop == "auto" else args.loop

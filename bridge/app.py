@@ -13,12 +13,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .auth import SourceFilter, parse_networks
-from .config import Settings
-from .dedup import DedupWindow
-from .errors import BridgeError, ConfigError
-from .forwarder import SpoolForwarder
-from .keys import (
+from bridge.config import Settings, parse_networks
+from bridge.delivery.dedup import DedupWindow
+from bridge.delivery.forwarder import SpoolForwarder
+from bridge.delivery.kafka import KafkaSink
+from bridge.delivery.spool import AsyncSpool, Spool
+from bridge.errors import BridgeError, ConfigError
+from bridge.keys import (
     DEDUP_KEY,
     FORWARDER_KEY,
     METRICS_KEY,
@@ -28,14 +29,13 @@ from .keys import (
     SOURCE_FILTER_KEY,
     TRACER_KEY,
 )
-from .logs import RedactingAccessLogger
-from .metrics import Metrics
-from .poller import Poller
-from .receiver import error_middleware, expect_continue, handle_callback
-from .sink import KafkaSink
-from .spool import AsyncSpool, Spool
-from .tracing import make_tracer
-from .vodapi import Credentials, VodClient
+from bridge.ops.logs import RedactingAccessLogger
+from bridge.ops.metrics import Metrics
+from bridge.ops.tracing import make_tracer
+from bridge.sources.access import SourceFilter
+from bridge.sources.callback import error_middleware, expect_continue, handle_callback
+from bridge.sources.poller import Poller
+from bridge.vod.api import Credentials, VodClient
 
 logger = logging.getLogger("bridge.app")
 

@@ -22,17 +22,17 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from . import __version__
-from .app import create_app, freeze_gc, runner_options
-from .auth import expected_sign
-from .config import EventLoop, Settings, load_settings
-from .embedded import EmbeddedBroker
-from .errors import BridgeError, ConfigError
-from .logs import configure_logging
-from .schema import build_schemas, render, write_schemas
-from .tail import tail
-from .vodapi import Credentials
-from .workers import run_workers
+from bridge import __version__
+from bridge.app import create_app, freeze_gc, runner_options
+from bridge.config import EventLoop, Settings, load_settings
+from bridge.errors import BridgeError, ConfigError
+from bridge.ops.embedded import EmbeddedBroker
+from bridge.ops.logs import configure_logging
+from bridge.ops.schema import build_schemas, render, write_schemas
+from bridge.ops.tail import tail
+from bridge.ops.workers import run_workers
+from bridge.vod.api import Credentials
+from bridge.vod.signing import expected_sign
 
 logger = logging.getLogger("bridge.cli")
 

@@ -7,15 +7,15 @@ table is that list. Validation happens here, before any socket is opened, and fa
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import msgspec
 
-from .auth import parse_networks
-from .errors import ConfigError
+from bridge.errors import ConfigError
 
 CompressionType = Literal["none", "gzip"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -25,6 +25,9 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
 
 _MASK: Final = "'***'"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -367,6 +370,17 @@ def _validate(settings: Settings) -> None:
     for event_type, topic in kafka.topic_routes.items():
         if not _TOPIC_RE.match(topic):
             raise ConfigError(f"BRIDGE_KAFKA_TOPIC_ROUTES: {topic!r} for {event_type} is not a valid topic")
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """``["10.0.0.0/8", "203.0.113.7"]`` -> networks; raises ValueError naming a bad entry."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{cidr.strip()!r} is not an IP address or CIDR") from None
+    return tuple(networks)
 
 
 def _is_host_port(server: str) -> bool:

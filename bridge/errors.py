@@ -65,6 +65,22 @@ class Unauthorized(BridgeError):
     code = "unauthorized"
 
 
+class AuthFailed(Unauthorized):
+    """A callback's signature or token was rejected."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        #: Bounded label for metrics: missing_signature, bad_signature, expired, bad_token.
+        self.reason = reason
+
+
+class Forbidden(BridgeError):
+    """The source address is not on the allow-list."""
+
+    status = HTTPStatus.FORBIDDEN
+    code = "forbidden"
+
+
 class PublishFailed(BridgeError):
     """Kafka did not acknowledge the record in time; the sender should retry later."""
 

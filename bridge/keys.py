@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .auth import SourceFilter
-from .config import Settings
-from .dedup import DedupWindow
-from .forwarder import SpoolForwarder
-from .metrics import Metrics
-from .poller import Poller
-from .sink import Sink
-from .tracing import EventTracer
+from bridge.config import Settings
+from bridge.delivery.dedup import DedupWindow
+from bridge.delivery.forwarder import SpoolForwarder
+from bridge.delivery.kafka import Sink
+from bridge.ops.metrics import Metrics
+from bridge.ops.tracing import EventTracer
+from bridge.sources.access import SourceFilter
+from bridge.sources.poller import Poller
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 METRICS_KEY = web.AppKey("metrics", Metrics)

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
 from bridge.errors import InvalidPayload
-from bridge.events import MediaCastEvent, PullCompleteEvent, TaskEvent, VodEvent, VodStruct, decode_event
+from bridge.vod.events import MediaCastEvent, PullCompleteEvent, TaskEvent, VodEvent, VodStruct, decode_event
 
 logger = logging.getLogger("consumer")
 

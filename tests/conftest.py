@@ -20,8 +20,8 @@ from aiokafka import AIOKafkaConsumer
 
 from bridge.app import create_app, runner_options
 from bridge.config import HttpSettings, KafkaSettings, Settings
-from bridge.embedded import EmbeddedBroker
 from bridge.keys import SINK_KEY
+from bridge.ops.embedded import EmbeddedBroker
 
 SAMPLES = Path(__file__).resolve().parent.parent / "bridge" / "samples"
 

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from conftest import sample_event
 
-from bridge.embedded import EmbeddedBroker, broker_binary, free_port
+from bridge.ops.embedded import EmbeddedBroker, broker_binary, free_port
 
 
 def bridge_env(**extra: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ import pytest
 from conftest import Kafka, read_records, sample_bytes, sample_event
 from faultkit import bridge_env, spawn, wait_ready
 
-from bridge.embedded import EmbeddedBroker, free_port
+from bridge.ops.embedded import EmbeddedBroker, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -110,7 +110,7 @@ def test_readme_metrics_exist() -> None:
     import re
     from pathlib import Path
 
-    from bridge.metrics import Metrics
+    from bridge.ops.metrics import Metrics
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     documented = set(re.findall(r"`(vod_bridge_[a-z_]+)`", readme))

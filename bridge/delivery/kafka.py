@@ -1,0 +1,322 @@
+"""The Kafka sink: one long-lived aiokafka producer; ``publish`` returns only after the broker ack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Final, Literal, Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+
+from bridge.config import KafkaSettings
+from bridge.delivery.partitioner import partition_for
+from bridge.errors import ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
+from bridge.ops.metrics import Metrics
+from bridge.timefmt import rfc3339_utc
+from bridge.vod.events import VodEvent
+
+logger = logging.getLogger(__name__)
+
+Source = Literal["callback", "pull"]
+
+CONTENT_TYPE_JSON: Final = b"application/json"
+
+
+class Ack(Protocol):
+    """What the broker acknowledged (aiokafka's ``RecordMetadata`` satisfies this)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+
+
+class Sink(Protocol):
+    """Where events go. ``publish`` returns only after the record is durably acknowledged."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def publish(
+        self,
+        event: VodEvent,
+        *,
+        source: Source,
+        received_at: datetime,
+        topic: str | None = None,
+        timeout_s: float | None = None,
+        extra_headers: Sequence[tuple[str, bytes]] = (),
+    ) -> Ack: ...
+
+    async def publish_dead_letter(
+        self,
+        raw: bytes,
+        *,
+        topic: str,
+        reason: str,
+        error: str,
+        event_handle: str | None,
+        received_at: datetime,
+        source: Source = "pull",
+    ) -> Ack: ...
+
+
+class IdempotenceUnsupported(ConfigError):
+    """The broker rejected the idempotent producer's InitProducerId request."""
+
+
+def _sender_died(producer: AIOKafkaProducer) -> bool:
+    """True when the producer's background sender has ended: it will never deliver again."""
+    sender = getattr(producer, "_sender", None)  # aiokafka keeps no public handle on it
+    task = getattr(sender, "sender_task", None)
+    return task is not None and task.done()
+
+
+def record_headers(
+    event: VodEvent, *, source: Source, received_at: datetime, extra: Sequence[tuple[str, bytes]] = ()
+) -> list[tuple[str, bytes]]:
+    """The Kafka headers of the record contract (see README "Record contract")."""
+    headers = [
+        ("event-type", event.event_type.encode()),
+        ("source", source.encode()),
+        ("received-at", rfc3339_utc(received_at).encode()),
+        ("content-type", CONTENT_TYPE_JSON),
+    ]
+    if event.event_handle is not None:
+        headers.append(("event-handle", event.event_handle.encode()))
+    headers.extend(extra)
+    return headers
+
+
+class KafkaSink:
+    """Publishes :class:`VodEvent` records with acks=all.
+
+    :meth:`connect` retries until the broker answers (``ready`` turns true); :meth:`publish` fails fast with
+    :class:`NotReady` before that, with :class:`Overloaded` when ``max_in_flight`` publishes already wait,
+    and with :class:`PublishFailed` when no ack arrives within ``publish_timeout_s``.
+    """
+
+    def __init__(self, settings: KafkaSettings, metrics: Metrics, *, max_record_bytes: int = 1024 * 1024) -> None:
+        self._settings = settings
+        self._max_request_bytes = max_record_bytes + 64 * 1024
+        self._metrics = metrics
+        self._producer: AIOKafkaProducer | None = None
+        self._replacing: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        metrics.in_flight.set_function(lambda: self._in_flight)
+
+    @property
+    def ready(self) -> bool:
+        return self._producer is not None
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _make_producer(self) -> AIOKafkaProducer:
+        s = self._settings
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": s.bootstrap_servers,
+            "client_id": s.client_id,
+            "acks": "all",
+            "enable_idempotence": s.enable_idempotence,
+            "linger_ms": s.linger_ms,
+            "max_batch_size": s.max_batch_bytes,
+            "compression_type": None if s.compression == "none" else s.compression,
+            "request_timeout_ms": max(1000, int(s.publish_timeout_s * 1000)),
+            # Room for the largest accepted callback plus headers; the broker's message.max.bytes must allow
+            # it too (README "Kafka requirements").
+            "max_request_size": self._max_request_bytes,
+            "security_protocol": s.security_protocol,
+            "partitioner": partition_for,
+        }
+        if s.sasl_mechanism is not None:
+            kwargs |= {
+                "sasl_mechanism": s.sasl_mechanism,
+                "sasl_plain_username": s.sasl_username,
+                "sasl_plain_password": s.sasl_password,
+            }
+        if s.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(cafile=s.ssl_cafile)
+        return AIOKafkaProducer(**kwargs)
+
+    async def connect(self, *, retry_delay_s: float = 0.5, max_retry_delay_s: float = 10.0) -> None:
+        """Start the producer, retrying connection errors forever with jittered backoff.
+
+        Raises :class:`IdempotenceUnsupported` at once if the broker refuses the idempotent producer, since
+        retrying cannot help there.
+        """
+        attempt = 0
+        delay_s = retry_delay_s
+        while True:
+            attempt += 1
+            producer = self._make_producer()
+            try:
+                await producer.start()
+            except KafkaConnectionError as exc:
+                await producer.stop()
+                logger.warning(
+                    "kafka not reachable at %s (attempt %d): %s; retrying in %.1fs",
+                    self._settings.bootstrap_servers,
+                    attempt,
+                    exc,
+                    delay_s,
+                )
+                await asyncio.sleep(delay_s * random.uniform(0.8, 1.2))
+                delay_s = min(delay_s * 2, max_retry_delay_s)
+                continue
+            except BrokerResponseError as exc:
+                await producer.stop()
+                if self._settings.enable_idempotence:
+                    raise IdempotenceUnsupported(
+                        f"the broker refused the idempotent producer (InitProducerId: {exc}); set "
+                        "BRIDGE_KAFKA_ENABLE_IDEMPOTENCE=false for brokers without support, e.g. tansu"
+                    ) from None
+                raise
+            self._producer = producer
+            self._metrics.kafka_connected.set(1)
+            logger.info(
+                "kafka producer connected to %s (acks=all, idempotence=%s)",
+                self._settings.bootstrap_servers,
+                self._settings.enable_idempotence,
+            )
+            return
+
+    async def close(self) -> None:
+        """Flush every buffered record and close the producer."""
+        if self._replacing is not None:
+            self._replacing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replacing
+        producer, self._producer = self._producer, None
+        self._metrics.kafka_connected.set(0)
+        if producer is not None:
+            await producer.stop()
+            logger.info("kafka producer flushed and closed")
+
+    def _replace(self, broken: AIOKafkaProducer) -> None:
+        """Swap a producer whose sender routine died for a new one, in the background.
+
+        aiokafka's sender task can end on an unexpected error (seen: uvloop refusing a write to a transport a
+        network reset had closed); the producer then fails every send for good. Until the replacement
+        connects, publishes get :class:`NotReady` (503), so nothing is acknowledged without Kafka.
+        """
+        if self._producer is not broken or self._replacing is not None:
+            return
+        self._producer = None
+        self._metrics.kafka_connected.set(0)
+        logger.error("kafka producer's sender stopped unexpectedly; replacing the producer")
+        self._replacing = asyncio.create_task(self._reconnect(broken), name="kafka-reconnect")
+
+    async def _reconnect(self, broken: AIOKafkaProducer) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                await broken.stop()
+            await self.connect()
+        except Exception:
+            logger.exception("could not replace the kafka producer; publishes stay unavailable (503)")
+        finally:
+            self._replacing = None
+
+    async def publish(
+        self,
+        event: VodEvent,
+        *,
+        source: Source,
+        received_at: datetime,
+        topic: str | None = None,
+        timeout_s: float | None = None,
+        extra_headers: Sequence[tuple[str, bytes]] = (),
+    ) -> Ack:
+        """Send one event record and wait for the broker ack. Returns the ack; raises :class:`PublishFailed`."""
+        headers = record_headers(event, source=source, received_at=received_at, extra=extra_headers)
+        target = topic or self._settings.topic_for(event.event_type)
+        ack = await self._send(target, event.key.encode(), event.value, headers, source=source, timeout_s=timeout_s)
+        self._metrics.count_published(source, event.event_type)
+        return ack
+
+    async def publish_dead_letter(
+        self,
+        raw: bytes,
+        *,
+        topic: str,
+        reason: str,
+        error: str,
+        event_handle: str | None,
+        received_at: datetime,
+        source: Source = "pull",
+    ) -> Ack:
+        """Send an undecodable event verbatim to the dead-letter topic, with the error in headers; returns
+        only after the broker ack."""
+        headers = [
+            ("source", source.encode()),
+            ("received-at", rfc3339_utc(received_at).encode()),
+            ("error-reason", reason.encode()),
+            ("error", error[:1000].encode()),
+        ]
+        if event_handle is not None:
+            headers.append(("event-handle", event_handle.encode()))
+        key = event_handle.encode() if event_handle is not None else None
+        ack = await self._send(topic, key, raw, headers, source=source)
+        self._metrics.dead_lettered.labels(source, reason).inc()
+        return ack
+
+    async def _send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        *,
+        source: Source,
+        timeout_s: float | None = None,
+    ) -> Ack:
+        producer = self._producer
+        if producer is None:
+            raise NotReady("kafka producer is not connected yet")
+        if _sender_died(producer):
+            self._replace(producer)
+            raise NotReady("kafka producer failed and is being replaced")
+        if self._in_flight >= self._settings.max_in_flight:
+            raise Overloaded(f"{self._in_flight} publishes already awaiting a Kafka ack", retry_after_s=1)
+        self._in_flight += 1
+        started = time.perf_counter()
+        try:
+            # Bounds both the wait for buffer space/metadata in send() and the wait for the ack; a record
+            # already handed to the producer may still be delivered later (at-least-once, same key).
+            async with asyncio.timeout(timeout_s or self._settings.publish_timeout_s):
+                delivery = await producer.send(topic, value, key=key, headers=headers)
+                ack: Ack = await delivery
+        except TimeoutError:
+            self._metrics.publish_failed.labels(source, "timeout").inc()
+            if _sender_died(producer):
+                self._replace(producer)
+            raise PublishFailed(
+                f"no Kafka ack within {timeout_s or self._settings.publish_timeout_s:g}s for topic {topic}"
+            ) from None
+        except MessageSizeTooLargeError as exc:
+            self._metrics.publish_failed.labels(source, type(exc).__name__).inc()
+            raise RecordTooLarge(
+                f"kafka refuses a record of {len(value)} bytes for topic {topic}", retriable=False
+            ) from exc
+        except KafkaError as exc:
+            self._metrics.publish_failed.labels(source, type(exc).__name__).inc()
+            if _sender_died(producer):
+                self._replace(producer)
+            raise PublishFailed(
+                f"kafka error for topic {topic}: {type(exc).__name__}", retriable=bool(exc.retriable)
+            ) from exc
+        finally:
+            self._in_flight -= 1
+        self._metrics.publish_latency.observe(time.perf_counter() - started)
+        return ack

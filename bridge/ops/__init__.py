@@ -1,0 +1,1 @@
+"""Operations: metrics, logging, tracing, worker processes, the embedded broker, schemas and record tools."""

@@ -1,0 +1,195 @@
+"""JSON Schemas of the Kafka record contract, generated from the Structs in ``events.py``.
+
+``schemas/`` in the repository is this module's output (``vod-bridge schema --write schemas``); a test
+fails when the committed files are stale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+
+from bridge import __version__
+from bridge.vod.events import EVENT_TYPES, EventSpec
+
+VALUE_SCHEMA_FILE: Final = "vod-event.value.schema.json"
+HEADERS_SCHEMA_FILE: Final = "vod-event.headers.schema.json"
+KEYS_FILE: Final = "vod-event.keys.json"
+ASYNCAPI_FILE: Final = "asyncapi.json"
+_SCHEMA_FORMAT: Final = "application/schema+json;version=2020-12"
+
+
+class RecordHeaders(msgspec.Struct, kw_only=True):
+    """Kafka headers of every record (UTF-8 values)."""
+
+    event_type: str = msgspec.field(name="event-type")
+    source: Literal["callback", "pull"]
+    #: RFC 3339 UTC with milliseconds, e.g. ``2026-11-26T11:30:31.123Z``: when the bridge received it.
+    received_at: str = msgspec.field(name="received-at")
+    content_type: Literal["application/json"] = msgspec.field(name="content-type")
+    #: Only on records from the reliable (PullEvents) source.
+    event_handle: str | None = msgspec.field(name="event-handle", default=None)
+
+
+def _envelope(event_type: str, spec: EventSpec) -> type[msgspec.Struct]:
+    return msgspec.defstruct(
+        f"{event_type}Record",
+        [("EventType", Literal[event_type]), (spec.payload_field, spec.model)],
+        kw_only=True,
+    )
+
+
+class OtherEventRecord(msgspec.Struct, kw_only=True):
+    """Any other EventType VOD sends: the payload object is passed through untouched."""
+
+    EventType: str
+
+
+def build_schemas() -> dict[str, dict[str, Any]]:
+    """File name -> JSON document, deterministic (sorted keys when written)."""
+    envelopes = [_envelope(event_type, spec) for event_type, spec in EVENT_TYPES.items()]
+    (schemas, components) = msgspec.json.schema_components(
+        [*envelopes, OtherEventRecord], ref_template="#/$defs/{name}"
+    )
+    value_schema: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": VALUE_SCHEMA_FILE,
+        "title": "VOD event (Kafka record value)",
+        "description": (
+            "The VOD EventContent object as received, minus EventHandle/Sign/T. Unknown fields are kept "
+            "verbatim; consumers must ignore fields they do not know."
+        ),
+        "anyOf": schemas,
+        "$defs": components,
+    }
+    _, header_components = msgspec.json.schema_components([RecordHeaders], ref_template="#/$defs/{name}")
+    headers_doc: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": HEADERS_SCHEMA_FILE,
+        "title": "VOD event (Kafka record headers)",
+        **header_components["RecordHeaders"],
+    }
+    keys_doc: dict[str, Any] = {
+        "description": (
+            "Kafka record key per EventType (UTF-8). key_field null: 'sha256:' + first 32 hex digits of "
+            "SHA-256 of the value. Unlisted types: the payload's TaskId, else FileId, else the hash."
+        ),
+        "keys": {
+            event_type: {"payload_field": spec.payload_field, "key_field": spec.key_field}
+            for event_type, spec in EVENT_TYPES.items()
+        },
+    }
+    return {
+        VALUE_SCHEMA_FILE: value_schema,
+        HEADERS_SCHEMA_FILE: headers_doc,
+        KEYS_FILE: keys_doc,
+        ASYNCAPI_FILE: asyncapi_document(),
+    }
+
+
+def asyncapi_document() -> dict[str, Any]:
+    """AsyncAPI 3.0: the topics, key, headers and value the bridge sends (schemas by reference)."""
+    key_description = (
+        "UTF-8 natural id of the event: TaskId for PullComplete and most task events, FileId, FileIdSet joined "
+        f"with ',' or CastId for others (see {KEYS_FILE}); 'sha256:' + 32 hex digits of the value's SHA-256 "
+        "when the payload has no id."
+    )
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "vod-kafka-bridge",
+            "version": __version__,
+            "description": (
+                "Tencent Cloud VOD event notifications (normal callbacks and PullEvents) published to Kafka, one "
+                "record per event, at least once. The producer uses acks=all; consumers de-duplicate by key and "
+                "Status."
+            ),
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "kafka": {
+                "host": "localhost:9092",
+                "protocol": "kafka",
+                "description": "BRIDGE_KAFKA_BOOTSTRAP_SERVERS",
+            }
+        },
+        "channels": {
+            "vodEvents": {
+                "address": "vod.events",
+                "description": "BRIDGE_KAFKA_TOPIC; BRIDGE_KAFKA_TOPIC_ROUTES may move event types to other topics.",
+                "messages": {"vodEvent": {"$ref": "#/components/messages/vodEvent"}},
+            },
+            "deadLetters": {
+                "address": "vod.events.dlq",
+                "description": (
+                    "BRIDGE_KAFKA_DEAD_LETTER_TOPIC: undecodable pulled events (or unreadable spool records), as is."
+                ),
+                "messages": {"deadLetter": {"$ref": "#/components/messages/deadLetter"}},
+            },
+        },
+        "operations": {
+            "publishVodEvent": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/vodEvents"},
+                "messages": [{"$ref": "#/channels/vodEvents/messages/vodEvent"}],
+            },
+            "publishDeadLetter": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/deadLetters"},
+                "messages": [{"$ref": "#/channels/deadLetters/messages/deadLetter"}],
+            },
+        },
+        "components": {
+            "messages": {
+                "vodEvent": {
+                    "name": "VodEvent",
+                    "title": "A VOD event",
+                    "contentType": "application/json",
+                    "headers": {"schemaFormat": _SCHEMA_FORMAT, "schema": {"$ref": HEADERS_SCHEMA_FILE}},
+                    "payload": {"schemaFormat": _SCHEMA_FORMAT, "schema": {"$ref": VALUE_SCHEMA_FILE}},
+                    "bindings": {
+                        "kafka": {"key": {"type": "string", "description": key_description}, "bindingVersion": "0.5.0"}
+                    },
+                },
+                "deadLetter": {
+                    "name": "DeadLetter",
+                    "title": "An event that could not be decoded",
+                    "contentType": "application/json",
+                    "headers": {
+                        "type": "object",
+                        "properties": {
+                            "source": {"enum": ["pull", "callback"]},
+                            "received-at": {"type": "string"},
+                            "error-reason": {"type": "string"},
+                            "error": {"type": "string"},
+                            "event-handle": {"type": "string"},
+                        },
+                        "required": ["source", "received-at", "error-reason", "error"],
+                    },
+                    "payload": {"description": "the event exactly as PullEvents returned it (may not be valid JSON)"},
+                    "bindings": {
+                        "kafka": {
+                            "key": {"type": "string", "description": "the EventHandle, if readable"},
+                            "bindingVersion": "0.5.0",
+                        }
+                    },
+                },
+            }
+        },
+    }
+
+
+def render(document: dict[str, Any]) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(document, order="sorted"), indent=2) + b"\n"
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, document in build_schemas().items():
+        path = directory / name
+        path.write_bytes(render(document))
+        written.append(path)
+    return written

@@ -1,0 +1,72 @@
+"""``--workers N``: N `vod-bridge serve` processes sharing one port through SO_REUSEPORT.
+
+Each worker is a complete bridge with its own Kafka producer. The supervisor forwards SIGTERM/SIGINT to all
+of them (each drains and flushes on its own) and exits with the first non-zero worker exit code. Per worker:
+the spool, when configured, lives in ``<BRIDGE_SPOOL_DIR>/worker-<i>`` (a spool belongs to one process) and
+only worker 0 runs the PullEvents poller.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+
+from bridge.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def worker_env(base: Mapping[str, str], settings: Settings, index: int) -> dict[str, str]:
+    env = dict(base)
+    env["BRIDGE_WORKERS"] = "1"
+    env["BRIDGE_HTTP_REUSE_PORT"] = "true"
+    if settings.spool.dir is not None:
+        env["BRIDGE_SPOOL_DIR"] = str(Path(settings.spool.dir) / f"worker-{index}")
+    if index > 0:
+        env["BRIDGE_PULL_ENABLED"] = "false"
+    return env
+
+
+def run_workers(settings: Settings, env: Mapping[str, str]) -> int:
+    """Start ``settings.workers`` workers and supervise them until they all exit."""
+    children = [
+        subprocess.Popen([sys.executable, "-m", "bridge", "serve"], env=worker_env(env, settings, i))
+        for i in range(settings.workers)
+    ]
+    logger.info("started %d workers on port %d: pids %s", len(children), settings.http.port, [c.pid for c in children])
+    stopping = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    exit_code = 0
+    try:
+        while any(child.poll() is None for child in children):
+            for child in children:
+                code = child.poll()
+                if code is not None and code != 0 and not stopping:
+                    # One worker failed: stop the rest so the orchestrator restarts the pod as a whole.
+                    logger.error("worker %d exited with %d; stopping the others", child.pid, code)
+                    exit_code = code
+                    forward(signal.SIGTERM, None)
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for child in children:
+        code = child.returncode
+        if code is not None and code != 0 and exit_code == 0:
+            exit_code = code
+    logger.info("all workers stopped (exit code %d)", exit_code)
+    return exit_code

@@ -1,0 +1,223 @@
+"""Faults against a real broker and the real `vod-bridge serve` process; each test prints
+``sent / acked / in_kafka / lost`` and requires lost == 0: every event answered 200 reached Kafka.
+
+The broker is always an embedded tansu owned by the test (it must be killed and restarted). tansu keeps
+data in memory, so a killed tansu loses records it had acknowledged — which a replicated Kafka with
+acks=all does not. So before killing the broker the tests pause new requests and let the witness consumer
+see every record acked so far; "reached Kafka" means "seen by the witness".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import sample_event
+from faultkit import BridgeProcess, LoadReport, Witness, bridge_env, create_topic, create_topic_on, drive, summary
+from tcpproxy import TcpProxy
+
+from bridge.ops.embedded import EmbeddedBroker, free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedBroker]:
+    broker = EmbeddedBroker()
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def bridges() -> Iterator[list[BridgeProcess]]:
+    started: list[BridgeProcess] = []
+    yield started
+    for bridge in started:
+        bridge.ensure_dead()
+
+
+def env_for(bootstrap: str, topic: str, **extra: str) -> dict[str, str]:
+    return bridge_env(
+        BRIDGE_KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        BRIDGE_KAFKA_TOPIC=topic,
+        BRIDGE_KAFKA_ENABLE_IDEMPOTENCE="false",
+        BRIDGE_KAFKA_PUBLISH_TIMEOUT_S="2",
+        **extra,
+    )
+
+
+@contextlib.asynccontextmanager
+async def behind_a_proxy(
+    topic: str, tmp_path: Path, bridges: list[BridgeProcess]
+) -> AsyncIterator[tuple[EmbeddedBroker, TcpProxy, BridgeProcess, Witness]]:
+    """A broker advertising a TCP proxy in front of it, the topic, a running bridge and a witness, all
+    reaching Kafka through the proxy, so the test can cut the network or swap the broker behind it."""
+    proxy_port = free_port()
+    with EmbeddedBroker(advertised_port=proxy_port) as broker:
+        async with TcpProxy("127.0.0.1", broker.port, listen_port=proxy_port) as proxy:
+            await create_topic(proxy.address, topic)
+            bridge = BridgeProcess(env_for(proxy.address, topic), tmp_path / "bridge.log")
+            bridges.append(bridge)
+            await bridge.start()
+            async with Witness(proxy.address, topic) as witness:
+                yield broker, proxy, bridge, witness
+
+
+async def test_broker_killed_mid_load_and_restarted(topic, tmp_path: Path, bridges) -> None:
+    report = LoadReport()
+    keys = [f"bk-{i}" for i in range(300)]
+    async with behind_a_proxy(topic, tmp_path, bridges) as (broker, proxy, bridge, witness):
+        load = asyncio.create_task(drive(bridge.url, keys, concurrency=8, report=report))
+        while len(report.acked) < 100:
+            await asyncio.sleep(0.01)
+        await report.pause()
+        assert not await witness.wait_for(set(report.acked), timeout_s=10)
+        proxy.cut("reset")  # keeps clients away from the restarted broker until its topic exists
+        broker.kill()
+        report.gate.set()  # the load goes on against a bridge without Kafka
+        await asyncio.sleep(3.5)  # longer than the 2 s publish timeout: callers see 503s
+        broker.start()
+        create_topic_on(broker, topic)
+        proxy.restore()
+        await load
+        lost = await witness.wait_for(set(report.acked))
+    summary("broker killed", report, witness, lost)
+    assert report.statuses.get(503, 0) > 0, "the outage was seen as 503s"
+    assert len(report.acked) == len(keys), "every event got its 200 after VOD-like retries"
+    assert not lost
+
+
+@pytest.mark.parametrize("mode", ["reset", "blackhole"])
+async def test_network_cut_between_bridge_and_kafka(mode, topic, tmp_path: Path, bridges) -> None:
+    report = LoadReport()
+    keys = [f"cut-{mode}-{i}" for i in range(200)]
+    async with behind_a_proxy(topic, tmp_path, bridges) as (_, proxy, bridge, witness):
+        load = asyncio.create_task(drive(bridge.url, keys, concurrency=8, report=report))
+        while len(report.acked) < 50:
+            await asyncio.sleep(0.01)
+        proxy.cut(mode)
+        await asyncio.sleep(3)
+        proxy.restore()
+        await load
+        lost = await witness.wait_for(set(report.acked))
+    summary(f"network cut ({mode})", report, witness, lost)
+    assert report.statuses.get(503, 0) > 0
+    assert len(report.acked) == len(keys)
+    assert not lost
+
+
+async def test_bridge_sigkilled_mid_load_without_spool(broker: EmbeddedBroker, topic, tmp_path, bridges) -> None:
+    await create_topic(broker.bootstrap_servers, topic)
+    bridge = BridgeProcess(env_for(broker.bootstrap_servers, topic), tmp_path / "bridge.log")
+    bridges.append(bridge)
+    await bridge.start()
+    report = LoadReport()
+    keys = [f"kill-{i}" for i in range(400)]
+    async with Witness(broker.bootstrap_servers, topic) as witness:
+        load = asyncio.create_task(drive(bridge.url, keys, concurrency=16, report=report, retry_for_s=0.5))
+        while len(report.acked) < 100:
+            await asyncio.sleep(0.005)
+        bridge.kill()
+        await load
+        lost = await witness.wait_for(set(report.acked))
+    summary("bridge SIGKILL, no spool", report, witness, lost)
+    assert 100 <= len(report.acked) < len(keys), "the kill happened mid-load"
+    assert not lost
+
+
+async def test_bridge_sigkilled_with_spooled_events_loses_nothing(topic, tmp_path: Path, bridges) -> None:
+    port = free_port()
+    broker = EmbeddedBroker(port)
+    broker.start()
+    spool_dir = tmp_path / "spool"
+    env = env_for(broker.bootstrap_servers, topic, BRIDGE_SPOOL_DIR=str(spool_dir), BRIDGE_SPOOL_PUBLISH_BUDGET_S="0.5")
+    try:
+        await create_topic(broker.bootstrap_servers, topic)
+        bridge = BridgeProcess(env, tmp_path / "bridge.log")
+        bridges.append(bridge)
+        await bridge.start()
+        report = LoadReport()
+        async with Witness(broker.bootstrap_servers, topic) as witness:
+            await drive(bridge.url, [f"direct-{i}" for i in range(100)], concurrency=8, report=report)
+            assert not await witness.wait_for(set(report.acked), timeout_s=10)
+            broker.kill()  # Kafka is gone: from now on 200 means "fsync'ed in the spool"
+            load = asyncio.create_task(
+                drive(bridge.url, [f"spooled-{i}" for i in range(300)], concurrency=16, report=report, retry_for_s=1)
+            )
+            while len(report.acked) < 250:
+                await asyncio.sleep(0.005)
+            bridge.kill()  # ...and the bridge crashes with events only in its spool
+            await load
+            spooled = {key for key in report.acked if key.startswith("spooled-")}
+            assert spooled, "some events were answered 200 from the spool"
+
+            broker.start()
+            await create_topic(broker.bootstrap_servers, topic)
+            restarted = BridgeProcess(env, tmp_path / "bridge-2.log")
+            bridges.append(restarted)
+            await restarted.start()
+            lost = await witness.wait_for(set(report.acked), timeout_s=40)
+            depth = (await restarted.readyz())["spool_depth"]
+            assert await restarted.stop() == 0
+    finally:
+        broker.stop()
+    summary("bridge SIGKILL with spool", report, witness, lost)
+    assert depth == 0
+    assert not lost
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+async def test_burst_of_ten_times_the_bound_sheds_load_with_bounded_memory(
+    broker: EmbeddedBroker, topic, tmp_path: Path, bridges
+) -> None:
+    await create_topic(broker.bootstrap_servers, topic)
+    bound = 50
+    bridge = BridgeProcess(
+        env_for(broker.bootstrap_servers, topic, BRIDGE_KAFKA_MAX_IN_FLIGHT=str(bound), BRIDGE_KAFKA_LINGER_MS="20"),
+        tmp_path / "bridge.log",
+    )
+    bridges.append(bridge)
+    await bridge.start()
+    assert bridge.process is not None
+    pid = bridge.process.pid
+    before_kib = rss_kib(pid, "VmRSS")
+    statuses: dict[int | str, int] = {}
+    retry_after: set[str] = set()
+    body = sample_event("x")
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        body["PullCompleteEvent"]["TaskId"] = f"burst-{i}"
+        try:
+            async with session.post(bridge.url, json=body) as response:
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+                if response.status == 503:
+                    retry_after.add(response.headers.get("Retry-After", "-"))
+        except aiohttp.ClientError as exc:
+            statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+
+    concurrency = 10 * bound
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for wave in range(6):
+            await asyncio.gather(*(one(session, wave * concurrency + i) for i in range(concurrency)))
+    peak_kib = rss_kib(pid, "VmHWM")
+    print(
+        f"[burst x10] bound={bound} requests={6 * concurrency} answers={statuses} "
+        f"rss_before={before_kib // 1024}MiB peak={peak_kib // 1024}MiB"
+    )
+    assert set(statuses) <= {200, 503}
+    assert statuses.get(503, 0) > 0 and retry_after == {"1"}
+    assert statuses.get(200, 0) > 0
+    assert peak_kib - before_kib < 100 * 1024, "memory must stay bounded under a 10x burst"
+    assert await bridge.stop() == 0

@@ -1,0 +1,87 @@
+"""Kafka going away: never a 200 without an ack; service recovers when the broker returns."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import read_records, sample_event
+from faultkit import create_topic
+
+from bridge.config import HttpSettings, KafkaSettings, Settings
+from bridge.ops.embedded import EmbeddedBroker
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def own_broker():
+    """A broker this test may stop and restart (tansu: in memory, so a restart starts empty)."""
+    broker = EmbeddedBroker()
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+async def test_broker_stopped_gives_503_then_recovers(own_broker: EmbeddedBroker, make_client, topic) -> None:
+    settings = Settings(
+        kafka=KafkaSettings(
+            bootstrap_servers=own_broker.bootstrap_servers,
+            topic=topic,
+            enable_idempotence=False,
+            publish_timeout_s=2.0,
+            linger_ms=0,
+        ),
+        http=HttpSettings(),
+    )
+    client = await make_client(settings)
+    assert (await client.post("/vod/callback", json=sample_event("before"))).status == 200
+
+    own_broker.stop()
+    started = time.monotonic()
+    response = await client.post("/vod/callback", json=sample_event("during"))
+    elapsed_s = time.monotonic() - started
+    assert response.status == 503
+    error = await response.json()
+    assert error["error"] == "kafka_unavailable"
+    assert "Retry-After" in response.headers
+    assert elapsed_s < 2.0 + 1.5, "the publish timeout bounds how long VOD waits"
+
+    own_broker.start()
+    # tansu keeps topics in memory: a restarted broker has forgotten the topic, and a producer with cached
+    # metadata does not re-trigger auto-creation. A real Kafka keeps its topics, so recreate it here.
+    await create_topic(own_broker.bootstrap_servers, topic)
+    deadline = time.monotonic() + 20
+    statuses = []
+    while time.monotonic() < deadline:
+        response = await client.post("/vod/callback", json=sample_event("after"))
+        statuses.append(response.status)
+        if response.status == 200:
+            break
+    assert statuses[-1] == 200, statuses
+    assert set(statuses) <= {200, 503}, "while recovering the bridge answers 503, never anything else"
+    records = await read_records(own_broker.bootstrap_servers, topic, count=1)
+    assert {r.key for r in records} == {b"after"}
+
+
+async def test_a_producer_whose_sender_died_is_replaced(kafka, make_settings, make_client, topic) -> None:
+    """aiokafka's sender task can die on an unexpected error (seen under uvloop after a network reset); the
+    producer then never delivers again. The sink must notice, answer 503 meanwhile, and reconnect."""
+    from conftest import wait_until
+
+    from bridge.keys import SINK_KEY
+
+    client = await make_client(make_settings())
+    assert (await client.post("/vod/callback", json=sample_event("before"))).status == 200
+    sink = client.server.app[SINK_KEY]
+    broken = sink._producer
+    broken._sender.sender_task.cancel()  # the same end state as the crash: no sender routine any more
+    await wait_until(broken._sender.sender_task.done, timeout_s=5)
+
+    response = await client.post("/vod/callback", json=sample_event("during"))
+    assert response.status == 503
+    await wait_until(lambda: sink.ready and sink._producer is not broken, timeout_s=20)
+    assert (await client.post("/vod/callback", json=sample_event("after"))).status == 200
+    records = await read_records(kafka.bootstrap_servers, topic, count=2, settle_s=1.0)
+    # "during" was refused before it reached the producer, so it is not in Kafka.
+    assert sorted(r.key for r in records) == [b"after", b"before"]
