@@ -49,7 +49,7 @@ async def run_poller(args: argparse.Namespace) -> dict[str, Any]:
     from bridge.ops.metrics import Metrics
     from bridge.sources.poller import Poller
     from bridge.vod.api import Credentials, VodClient
-    from bridge.vod.events import decode_event
+    from bridge.vod.decode import decode_event
 
     metrics = Metrics()
     kafka = KafkaSettings(

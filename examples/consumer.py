@@ -19,7 +19,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
 from bridge.errors import InvalidPayload
-from bridge.vod.events import MediaCastEvent, PullCompleteEvent, TaskEvent, VodEvent, VodStruct, decode_event
+from bridge.vod.decode import decode_event
+from bridge.vod.model import MediaCastEvent, PullCompleteEvent, TaskEvent, VodEvent, VodStruct
 
 logger = logging.getLogger("consumer")
 

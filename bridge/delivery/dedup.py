@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from bridge.vod.events import VodEvent
+from bridge.vod.model import VodEvent
 
 DedupKey = tuple[str, str, str | None]
 

@@ -21,7 +21,7 @@ from bridge.delivery.kafka import Sink, Source
 from bridge.delivery.spool import AsyncSpool, SpoolError
 from bridge.errors import PublishFailed
 from bridge.ops.metrics import Metrics
-from bridge.vod.events import VodEvent
+from bridge.vod.model import VodEvent
 
 logger = logging.getLogger(__name__)
 

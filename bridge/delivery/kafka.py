@@ -19,7 +19,7 @@ from bridge.delivery.partitioner import partition_for
 from bridge.errors import ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
 from bridge.ops.metrics import Metrics
 from bridge.timefmt import rfc3339_utc
-from bridge.vod.events import VodEvent
+from bridge.vod.model import VodEvent
 
 logger = logging.getLogger(__name__)
 

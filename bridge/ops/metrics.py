@@ -7,7 +7,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
-from bridge.vod.events import EVENT_TYPES
+from bridge.vod.event_types import EVENT_TYPES
 
 #: Unknown EventTypes are caller-controlled strings; they share one label value to bound cardinality.
 OTHER_EVENT_TYPE: Final = "other"

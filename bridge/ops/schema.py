@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from bridge import __version__
-from bridge.vod.events import EVENT_TYPES, EventSpec
+from bridge.vod.event_types import EVENT_TYPES, EventSpec
 
 VALUE_SCHEMA_FILE: Final = "vod-event.value.schema.json"
 HEADERS_SCHEMA_FILE: Final = "vod-event.headers.schema.json"

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from bridge.errors import ConfigError
-from bridge.vod.events import VodEvent
+from bridge.vod.model import VodEvent
 
 Headers = list[tuple[str, bytes]]
 

@@ -28,7 +28,8 @@ from bridge.errors import (
 from bridge.keys import DEDUP_KEY, FORWARDER_KEY, METRICS_KEY, SETTINGS_KEY, SINK_KEY, SOURCE_FILTER_KEY, TRACER_KEY
 from bridge.ops.tracing import EventSpan, Headers
 from bridge.sources.access import verify_token
-from bridge.vod.events import VodEvent, decode_event
+from bridge.vod.decode import decode_event
+from bridge.vod.model import VodEvent
 from bridge.vod.signing import verify_sign
 
 logger = logging.getLogger(__name__)

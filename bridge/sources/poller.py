@@ -25,7 +25,7 @@ from bridge.delivery.kafka import Sink
 from bridge.errors import InvalidPayload, PublishFailed, UpstreamError
 from bridge.ops.metrics import Metrics
 from bridge.ops.tracing import EventSpan, EventTracer, NoTracer
-from bridge.vod.events import decode_event
+from bridge.vod.decode import decode_event
 
 logger = logging.getLogger(__name__)
 

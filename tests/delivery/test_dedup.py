@@ -8,7 +8,7 @@ import pytest
 from conftest import Kafka, read_records, sample_event
 
 from bridge.delivery.dedup import DedupWindow, dedup_key
-from bridge.vod.events import decode_event
+from bridge.vod.decode import decode_event
 
 
 def event(task_id: str, status: str = "FINISH"):

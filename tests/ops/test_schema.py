@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import sample_bytes
 
 from bridge.ops.schema import build_schemas, render
-from bridge.vod.events import EVENT_TYPES
+from bridge.vod.event_types import EVENT_TYPES
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 

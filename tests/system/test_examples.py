@@ -22,7 +22,7 @@ from conftest import Kafka, sample_event
 
 from bridge.config import ENV_VARS
 from bridge.delivery.kafka import Source, record_headers
-from bridge.vod.events import decode_event
+from bridge.vod.decode import decode_event
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSUMER = ROOT / "examples" / "consumer.py"

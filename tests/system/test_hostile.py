@@ -50,7 +50,9 @@ from bridge.app import create_app, runner_options
 from bridge.config import SpoolSettings
 from bridge.errors import InvalidPayload
 from bridge.keys import FORWARDER_KEY, SINK_KEY
-from bridge.vod.events import EVENT_TYPES, TRANSPORT_FIELDS, PullCompleteEvent, VodEvent, decode_event
+from bridge.vod.decode import decode_event
+from bridge.vod.event_types import EVENT_TYPES, TRANSPORT_FIELDS
+from bridge.vod.model import PullCompleteEvent, VodEvent
 
 CALLBACK = "/vod/callback"
 MiB = 1024 * 1024

@@ -10,13 +10,9 @@ import pytest
 from conftest import sample_bytes, sample_event
 
 from bridge.errors import InvalidPayload
-from bridge.vod.events import (
-    EVENT_TYPES,
-    MediaBasicInfo,
-    PullCompleteEvent,
-    content_key,
-    decode_event,
-)
+from bridge.vod.decode import content_key, decode_event
+from bridge.vod.event_types import EVENT_TYPES
+from bridge.vod.model import MediaBasicInfo, PullCompleteEvent
 
 
 def encode(obj: Any) -> bytes:

@@ -1,0 +1,178 @@
+"""The VOD event model: typed payload Structs (field names as in the VOD SDK), and the decoded event.
+
+Field names follow the VOD SDK (tencentcloud-sdk-python-vod 3.1.194, models.py). Every field has a default:
+VOD omits null fields, and an absent optional field must not reject an event. Unknown fields are ignored by
+the Structs; they survive in the lossless value (see :mod:`bridge.vod.decode`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+#: How the body was framed: the API 3.0 ``EventContent`` envelope, or the legacy v2.0 callback envelope
+#: ``{"version": "4.0", "eventType": ..., "data": {...}}``.
+EventFormat = Literal["eventcontent", "legacy-v2"]
+
+
+class VodStruct(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Base of every inbound VOD Struct: keyword-only; absent fields default and are omitted on encode."""
+
+
+class MediaSourceData(VodStruct):
+    SourceType: str | None = None
+    SourceContext: str | None = None
+    LiveRecordInfo: dict[str, Any] | None = None
+    TrtcRecordInfo: dict[str, Any] | None = None
+    WebPageRecordInfo: dict[str, Any] | None = None
+
+
+class MediaBasicInfo(VodStruct):
+    Name: str | None = None
+    Description: str | None = None
+    CreateTime: str | None = None
+    UpdateTime: str | None = None
+    #: ``9999-12-31T23:59:59Z`` means "never expires".
+    ExpireTime: str | None = None
+    ClassId: int | None = None
+    ClassName: str | None = None
+    ClassPath: str | None = None
+    CoverUrl: str | None = None
+    Type: str | None = None
+    MediaUrl: str | None = None
+    SourceInfo: MediaSourceData | None = None
+    StorageRegion: str | None = None
+    StoragePath: str | None = None
+    TagSet: list[str] | None = None
+    Vid: str | None = None
+    Category: str | None = None
+    Status: str | None = None
+    StorageClass: str | None = None
+
+
+class MediaMetaData(VodStruct):
+    Size: int | None = None
+    Container: str | None = None
+    Bitrate: int | None = None
+    Height: int | None = None
+    Width: int | None = None
+    Duration: float | None = None
+    Rotate: int | None = None
+    VideoStreamSet: list[dict[str, Any]] | None = None
+    AudioStreamSet: list[dict[str, Any]] | None = None
+    VideoDuration: float | None = None
+    AudioDuration: float | None = None
+    Md5: str | None = None
+
+
+class TaskEvent(VodStruct):
+    """Common shape of the task-completion payloads: the task id plus its outcome."""
+
+    TaskId: str = ""
+    Status: str | None = None
+    ErrCode: int | None = None
+    Message: str | None = None
+
+
+class PullCompleteEvent(TaskEvent):
+    """``PullComplete``: a pull-from-URL upload task finished (SDK class ``PullUploadTask``).
+
+    ``ErrCode``: 0 success, 40000 bad input, 60000 source file error, 70000 internal error (retry advised).
+    """
+
+    FileId: str | None = None
+    MediaBasicInfo: MediaBasicInfo | None = None
+    MetaData: MediaMetaData | None = None
+    FileUrl: str | None = None
+    ProcedureTaskId: str | None = None
+    ReviewAudioVideoTaskId: str | None = None
+    SessionContext: str | None = None
+    SessionId: str | None = None
+    Progress: int | None = None
+
+
+class ProcedureStateChangeEvent(TaskEvent):
+    """``ProcedureStateChanged`` (SDK ``ProcedureTask``); result sets stay in the raw value only."""
+
+    FileId: str | None = None
+    FileName: str | None = None
+    FileUrl: str | None = None
+    MetaData: MediaMetaData | None = None
+    TasksPriority: int | None = None
+    TasksNotifyMode: str | None = None
+    SessionContext: str | None = None
+    SessionId: str | None = None
+    Operator: str | None = None
+    OperationType: str | None = None
+
+
+class FileUploadEvent(VodStruct):
+    """``NewFileUpload`` (SDK ``FileUploadTask``)."""
+
+    FileId: str = ""
+    MediaBasicInfo: MediaBasicInfo | None = None
+    ProcedureTaskId: str | None = None
+    ReviewAudioVideoTaskId: str | None = None
+    MetaData: MediaMetaData | None = None
+
+
+class FileDeleteEvent(VodStruct):
+    """``FileDeleted`` (SDK ``FileDeleteTask``)."""
+
+    FileIdSet: list[str] = []
+    FileDeleteResultInfo: list[dict[str, Any]] | None = None
+
+
+class FileIdEvent(VodStruct):
+    """Payloads identified by a media file only (``RestoreMediaComplete``, ``PersistenceComplete``)."""
+
+    FileId: str = ""
+
+
+class MediaCastEvent(VodStruct):
+    """``MediaCastStatusChanged`` (SDK ``MediaCastEvent``)."""
+
+    CastId: str = ""
+    Status: str | None = None
+
+
+class OpaqueEvent(VodStruct):
+    """A payload we publish without a typed model: only its being a JSON object is checked."""
+
+
+class VodEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One decoded event, ready to publish.
+
+    ``value`` is the lossless envelope JSON; ``payload`` is the typed view of it (``None`` for event types
+    the bridge does not model); ``key`` is the Kafka key as text.
+    """
+
+    event_type: str
+    key: str
+    value: bytes
+    payload: VodStruct | None
+    #: Set only for events obtained through ``PullEvents``.
+    event_handle: str | None = None
+    #: Callback authentication fields, kept aside for the signature check and never published.
+    sign: str | None = None
+    expires_at: int | None = None
+    format: EventFormat = "eventcontent"
+    #: How the tolerant reader found the key when the body was not of the documented shape (for metrics).
+    fallbacks: tuple[str, ...] = ()
+
+
+class Undecodable(msgspec.Struct, frozen=True, kw_only=True):
+    """A JSON object that is not a publishable event (no key can be found): it goes to the dead-letter topic.
+
+    ``value`` is what the dead-letter record carries: the body minus transport fields (``EventHandle``,
+    ``Sign``, ``T``). The other fields are read leniently, for authentication and headers, when present.
+    """
+
+    reason: str
+    message: str
+    value: bytes
+    event_type: str | None = None
+    event_handle: str | None = None
+    sign: str | None = None
+    expires_at: int | None = None
