@@ -3,7 +3,8 @@
 Each worker is a complete bridge with its own Kafka producer. The supervisor forwards SIGTERM/SIGINT to all
 of them (each drains and flushes on its own) and exits with the first non-zero worker exit code. Per worker:
 the spool, when configured, lives in ``<BRIDGE_SPOOL_DIR>/worker-<i>`` (a spool belongs to one process) and
-only worker 0 runs the PullEvents poller.
+only worker 0 runs the PullEvents poller. Because of that split, the supervisor refuses to start when the
+worker count would leave another count's spool with undelivered events unopened (``check_no_stranded``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ from pathlib import Path
 from types import FrameType
 
 from bridge.config import Settings
+from bridge.delivery.spool import check_no_stranded, worker_spool_dir
+from bridge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+#: The exit code of ``bridge.cli`` for an invalid configuration (not imported: the CLI imports this module).
+EXIT_CONFIG = 2
 
 
 def worker_env(base: Mapping[str, str], settings: Settings, index: int) -> dict[str, str]:
@@ -27,14 +33,22 @@ def worker_env(base: Mapping[str, str], settings: Settings, index: int) -> dict[
     env["BRIDGE_WORKERS"] = "1"
     env["BRIDGE_HTTP_REUSE_PORT"] = "true"
     if settings.spool.dir is not None:
-        env["BRIDGE_SPOOL_DIR"] = str(Path(settings.spool.dir) / f"worker-{index}")
+        env["BRIDGE_SPOOL_DIR"] = str(worker_spool_dir(Path(settings.spool.dir), index))
     if index > 0:
         env["BRIDGE_PULL_ENABLED"] = "false"
     return env
 
 
 def run_workers(settings: Settings, env: Mapping[str, str]) -> int:
-    """Start ``settings.workers`` workers and supervise them until they all exit."""
+    """Start ``settings.workers`` workers and supervise them until they all exit; return the exit code.
+
+    Returns ``EXIT_CONFIG`` without starting any worker if that would strand spooled events.
+    """
+    try:
+        check_no_stranded(settings.spool.dir, settings.workers)
+    except ConfigError as exc:
+        logger.critical("%s", exc.message)
+        return EXIT_CONFIG
     children = [
         subprocess.Popen([sys.executable, "-m", "bridge", "serve"], env=worker_env(env, settings, i))
         for i in range(settings.workers)

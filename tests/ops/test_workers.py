@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -11,9 +13,8 @@ from conftest import Kafka, read_records, sample_event
 from faultkit import BridgeProcess, bridge_env
 
 from bridge.config import load_settings
-from bridge.ops.workers import worker_env
-
-pytestmark = pytest.mark.integration
+from bridge.delivery.spool import Spool
+from bridge.ops.workers import EXIT_CONFIG, run_workers, worker_env
 
 
 def test_worker_env_splits_spool_and_poller() -> None:
@@ -24,6 +25,26 @@ def test_worker_env_splits_spool_and_poller() -> None:
     assert all(e["BRIDGE_WORKERS"] == "1" and e["BRIDGE_HTTP_REUSE_PORT"] == "true" for e in envs)
 
 
+def test_run_workers_refuses_to_strand_spooled_events_before_starting_any_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Spool.open(tmp_path / "worker-2", fsync=False) as spool:  # left behind by BRIDGE_WORKERS=3
+        spool.append([b"a", b"b"])
+
+    def no_workers(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_workers)
+    settings = load_settings({"BRIDGE_WORKERS": "2", "BRIDGE_SPOOL_DIR": str(tmp_path), "BRIDGE_HTTP_PORT": "8080"})
+    with caplog.at_level(logging.CRITICAL, logger="bridge.ops.workers"):
+        assert run_workers(settings, {}) == EXIT_CONFIG == 2
+    (record,) = caplog.records
+    assert record.name == "bridge.ops.workers"
+    assert f"{tmp_path}/worker-2: 2 undelivered events" in record.getMessage()
+    assert "Start once with BRIDGE_WORKERS=3 until vod_bridge_spool_depth is 0" in record.getMessage()
+
+
+@pytest.mark.integration
 async def test_two_workers_share_the_port_and_stop_cleanly(kafka: Kafka, topic: str, tmp_path: Path) -> None:
     env = bridge_env(
         BRIDGE_KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,

@@ -1,70 +1,49 @@
-"""A durable, append-only, fsync'ed local record log (write-ahead spool).
+"""The spool store: a durable, append-only, fsync'ed local record log (write-ahead spool), thread-safe.
 
 The webhook receiver acknowledges an event only once it is in the spool; a forwarder drains it to Kafka in
 sequence order and commits what Kafka acknowledged. Delivery is at-least-once: a lost cursor or a failed
-batch may cause re-delivery, never loss of an acknowledged record.
-
-On-disk layout of ``directory``:
-
-* ``<first_seq:020d>.seg`` -- segment files, a concatenation of records. The last one is the active segment.
-* ``cursor`` -- the highest committed (delivered) sequence number, replaced atomically.
-* ``LOCK`` -- ``flock``'ed while a process has the spool open.
-* ``<segment>.corrupt-<offset>`` -- bytes that recovery cut out of a segment, kept for inspection.
-
-Record framing (little-endian)::
-
-    magic   3s  b"VKS"
-    version u8  1
-    seq     u64 sequence number, contiguous from 1
-    length  u32 payload length in bytes
-    crc     u32 zlib.crc32 over the 16 header bytes before it, then the payload
-    payload length bytes
-
-Cursor file (16 bytes): ``b"VKC\\x01"``, u64 seq, u32 crc32 of the first 12 bytes.
+batch may cause re-delivery, never loss of an acknowledged record. Opening a spool recovers it from torn
+and corrupt files. The file format is in ``format``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
 import logging
 import os
-import re
-import struct
 import threading
-import zlib
 from array import array
 from bisect import bisect_right
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Final
 
+from bridge.delivery.spool.format import (
+    CURSOR_NAME,
+    HEADER_BYTES,
+    LOCK_NAME,
+    MAX_PAYLOAD_BYTES,
+    decode_cursor,
+    encode_cursor,
+    encode_header,
+    parse_record,
+    scan_segment,
+    segment_first_seq,
+    segment_name,
+    spool_positions,
+)
 from bridge.errors import BridgeError
 
 logger = logging.getLogger(__name__)
 
-MAGIC: Final = b"VKS"
-VERSION: Final = 1
-_HEADER = struct.Struct("<3sBQII")
-HEADER_BYTES: Final = _HEADER.size  # 20
-_CRC_OFFSET: Final = HEADER_BYTES - 4
-_SYNC_MARK: Final = MAGIC + bytes([VERSION])
-#: Hard limit of the format; a length field above it is treated as corruption during recovery.
-MAX_PAYLOAD_BYTES: Final = 16 * 1024 * 1024
-
-_CURSOR = struct.Struct("<4sQI")
-_CURSOR_MAGIC: Final = b"VKC\x01"
-CURSOR_NAME: Final = "cursor"
-_LOCK_NAME: Final = "LOCK"
-_SEGMENT_RE: Final = re.compile(r"^(\d{20})\.seg$")
-
 DEFAULT_SEGMENT_MAX_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_MAX_BYTES: Final = 1024 * 1024 * 1024
+#: Default bound of one ``read``: a batch of small records, or one large record, never more than this.
+DEFAULT_READ_MAX_BYTES: Final = 4 * 1024 * 1024
 
 
 class SpoolError(BridgeError):
@@ -80,6 +59,12 @@ class SpoolFull(SpoolError):
     code = "spool_full"
 
 
+class SpoolInUse(SpoolError):
+    """Another process has the spool directory open (holds its ``LOCK``)."""
+
+    code = "spool_in_use"
+
+
 @dataclass(frozen=True, slots=True)
 class SpoolProblem:
     """One defect found while opening the spool. ``offset`` is a byte offset into ``file``."""
@@ -92,6 +77,20 @@ class SpoolProblem:
     #: How many bytes were skipped (and copied to ``moved_to``); 0 when no bytes were skipped.
     skipped_bytes: int = 0
     moved_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStatus:
+    """Positions of a spool that is not open, as ``Spool.open`` would recover them (see ``Spool.inspect``)."""
+
+    directory: Path
+    committed_seq: int
+    last_seq: int
+
+    @property
+    def depth(self) -> int:
+        """Records not yet committed: ``last_seq - committed_seq``."""
+        return self.last_seq - self.committed_seq
 
 
 @dataclass(slots=True, eq=False)
@@ -111,52 +110,29 @@ class _Segment:
         return self.seqs[-1] if self.seqs else None
 
 
-def segment_name(first_seq: int) -> str:
-    return f"{first_seq:020d}.seg"
+@dataclass(slots=True, eq=False)
+class _ReadSlice:
+    """Records ``seqs`` of ``segment``, copied from the index so they can be read without ``_state_lock``."""
+
+    segment: _Segment
+    seqs: array[int]
+    offsets: array[int]
+    lengths: array[int]
+    #: Owned by the reader (a dup or a fresh open): keeps the file readable if a commit deletes it meanwhile.
+    fd: int | None = None
 
 
-def encode_header(seq: int, payload: bytes) -> bytes:
-    """The 20-byte record header of ``payload`` stored as ``seq``."""
-    head = _HEADER.pack(MAGIC, VERSION, seq, len(payload), 0)[:_CRC_OFFSET]
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    return head + crc.to_bytes(4, "little")
+# The disk I/O helpers are module functions so tests can substitute slow or failing ones.
 
 
-def _parse(data: bytes | memoryview, pos: int) -> tuple[int, int] | str:
-    """``(seq, length)`` of a well-formed record at ``pos``, else the reason it is not one."""
-    end = len(data)
-    if end - pos < HEADER_BYTES:
-        return "truncated header"
-    magic, version, seq, length, crc = _HEADER.unpack_from(data, pos)
-    if magic != MAGIC:
-        return "bad magic"
-    if version != VERSION:
-        return "bad version"
-    if length > MAX_PAYLOAD_BYTES:
-        return "bad length"
-    start = pos + HEADER_BYTES
-    if end - start < length:
-        return "truncated payload"
-    view = memoryview(data)
-    if zlib.crc32(view[start : start + length], zlib.crc32(view[pos : pos + _CRC_OFFSET])) != crc:
-        return "bad crc"
-    return seq, length
-
-
-def _resync(data: bytes, pos: int, min_seq: int) -> int | None:
-    """Offset of the next well-formed record at or after ``pos`` with ``seq >= min_seq``."""
-    while (pos := data.find(_SYNC_MARK, pos)) != -1:
-        parsed = _parse(data, pos)
-        if not isinstance(parsed, str) and parsed[0] >= min_seq:
-            return pos
-        pos += 1
-    return None
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
 
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        _fsync(fd)
     finally:
         os.close(fd)
 
@@ -176,10 +152,36 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
+def _lock(directory: Path) -> int:
+    """Open and ``flock`` the spool's ``LOCK`` file; raises ``SpoolInUse`` if another process holds it."""
+    try:
+        lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise SpoolError(f"cannot open spool directory {directory}: {exc}") from exc
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise SpoolInUse(f"spool directory {directory} is in use by another process") from exc
+        raise SpoolError(f"cannot lock spool directory {directory}: {exc}") from exc
+    return lock_fd
+
+
+def _list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """``(first_seq, path)`` of every segment file in ``directory``, oldest first."""
+    return sorted(
+        (first_seq, p)
+        for p in directory.iterdir()
+        if (first_seq := segment_first_seq(p.name)) is not None and p.is_file()
+    )
+
+
 class Spool:
     """The spool. Thread-safe: one writer at a time (``append`` serialises), reads and commits concurrently.
 
     Readers only ever see records whose ``append`` made them durable. Use ``Spool.open``, not the constructor.
+    The properties (``depth``, ``last_seq``, ...) never wait for the disk, so an event loop may read them.
     """
 
     def __init__(
@@ -200,9 +202,10 @@ class Spool:
         self._max_bytes = max_bytes
         self._fsync = fsync
         self._lock_fd: int | None = lock_fd
-        # _state_lock guards the index (segments, sizes, seqs); it is never held across an fsync of segment
-        # data so readers on the event loop do not wait for the disk. _write_lock serialises writers and
-        # _commit_lock serialises cursor writes; both are taken before _state_lock, never after.
+        # _state_lock guards the index (segments, sizes, seqs) and is never held across disk I/O (no read,
+        # write, fsync, open or close of a file), so the event loop reading depth/last_seq never waits for the
+        # disk. _write_lock serialises writers and _commit_lock serialises cursor writes; both are taken
+        # before _state_lock, never after, and may be held across I/O.
         self._state_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._commit_lock = threading.Lock()
@@ -231,7 +234,7 @@ class Spool:
     ) -> Spool:
         """Open (creating if needed) the spool in ``directory`` and recover it; see ``recovery_report``.
 
-        Raises ``SpoolError`` if another process holds the spool or the directory is unusable.
+        Raises ``SpoolInUse`` if another process holds the spool, ``SpoolError`` if the directory is unusable.
         """
         if segment_max_bytes <= 0 or max_bytes <= 0:
             raise ValueError("segment_max_bytes and max_bytes must be positive")
@@ -241,14 +244,9 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
             if created and fsync:
                 _fsync_dir(directory.parent)
-            lock_fd = os.open(directory / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise SpoolError(f"cannot open spool directory {directory}: {exc}") from exc
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(lock_fd)
-            raise SpoolError(f"spool directory {directory} is in use by another process") from exc
+        lock_fd = _lock(directory)
         try:
             return cls._recover(
                 directory, lock_fd, segment_max_bytes=segment_max_bytes, max_bytes=max_bytes, fsync=fsync
@@ -258,32 +256,54 @@ class Spool:
             raise
 
     @classmethod
+    def inspect(cls, directory: Path) -> SpoolStatus:
+        """Where ``Spool.open`` would find a closed spool, without changing any file.
+
+        Holds the directory lock while it scans every segment (raises ``SpoolInUse`` if a process has the
+        spool open), repairs nothing and logs nothing. A missing directory is an empty spool. ``SpoolError``
+        on I/O errors.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            return SpoolStatus(directory, 0, 0)
+        lock_fd = _lock(directory)
+        try:
+            try:
+                raw = (directory / CURSOR_NAME).read_bytes()
+            except FileNotFoundError:
+                raw = None
+            # A corrupt cursor counts as 0, as in recovery: the depth is overstated, never understated.
+            cursor_seq = (decode_cursor(raw) if raw is not None else None) or 0
+            named = _list_segments(directory)
+            last_good = named[0][0] - 1 if named else 0
+            for _, path in named:
+                last_good = scan_segment(path.read_bytes(), last_good).last_good
+        except OSError as exc:
+            raise SpoolError(f"cannot inspect spool {directory}: {exc}") from exc
+        finally:
+            os.close(lock_fd)
+        committed, last_seq = spool_positions(cursor_seq, [first for first, _ in named], last_good)
+        return SpoolStatus(directory, committed, last_seq)
+
+    @classmethod
     def _recover(cls, directory: Path, lock_fd: int, *, segment_max_bytes: int, max_bytes: int, fsync: bool) -> Spool:
         report: list[SpoolProblem] = []
         try:
             with contextlib.suppress(FileNotFoundError):
                 (directory / (CURSOR_NAME + ".tmp")).unlink()
             cursor_seq = cls._read_cursor(directory, report)
-            named = sorted(
-                (int(m.group(1)), directory / m.group(0))
-                for p in directory.iterdir()
-                if (m := _SEGMENT_RE.match(p.name)) is not None and p.is_file()
-            )
+            named = _list_segments(directory)
             segments: list[_Segment] = []
             last_good = named[0][0] - 1 if named else 0
             for n, (first_seq, path) in enumerate(named):
-                seg, last_good = cls._scan_segment(
+                seg, last_good = cls._recover_segment(
                     path, last_good, report, first_seq=first_seq, is_last=n == len(named) - 1, fsync=fsync
                 )
                 segments.append(seg)
         except OSError as exc:
             raise SpoolError(f"cannot recover spool {directory}: {exc}") from exc
 
-        # Records older than the first segment were deleted by a commit, so they were delivered even if the
-        # cursor is gone. The next sequence number must exceed everything ever handed out, so a reader
-        # positioned at the cursor never skips a new record.
-        committed = max(cursor_seq, named[0][0] - 1 if named else 0)
-        last_seq = max(last_good, committed, named[-1][0] - 1 if named else 0)
+        committed, last_seq = spool_positions(cursor_seq, [first for first, _ in named], last_good)
 
         try:
             active = segments[-1] if segments else None
@@ -330,17 +350,16 @@ class Spool:
             raw = (directory / CURSOR_NAME).read_bytes()
         except FileNotFoundError:
             return 0
-        if len(raw) == _CURSOR.size:
-            magic, seq, crc = _CURSOR.unpack(raw)
-            if magic == _CURSOR_MAGIC and zlib.crc32(raw[:12]) == crc:
-                return int(seq)
+        seq = decode_cursor(raw)
+        if seq is not None:
+            return seq
         # Treating it as 0 re-delivers what was already sent; guessing higher could lose records.
         report.append(SpoolProblem(CURSOR_NAME, 0, "corrupt cursor", skipped_bytes=0))
         logger.warning("spool recovery: %s is corrupt (%d bytes); treating committed_seq as 0", CURSOR_NAME, len(raw))
         return 0
 
     @staticmethod
-    def _scan_segment(
+    def _recover_segment(
         path: Path, last_good: int, report: list[SpoolProblem], *, first_seq: int, is_last: bool, fsync: bool
     ) -> tuple[_Segment, int]:
         """Index ``path``, skipping or cutting away anything that is not a valid next record.
@@ -348,60 +367,43 @@ class Spool:
         Returns the segment and the new last good sequence number. Every skipped byte is first copied aside.
         """
         data = path.read_bytes()
+        scan = scan_segment(data, last_good)
         seg = _Segment(first_seq=first_seq, path=path, size=len(data))
-
-        def skip(pos: int, end: int, reason: str, action: str) -> None:
-            moved_to = _set_aside(path, data, pos, end, fsync=fsync)
-            report.append(SpoolProblem(path.name, pos, reason, skipped_bytes=end - pos, moved_to=moved_to))
-            logger.warning(
-                "spool recovery: %s offset %d: %s; %s %d bytes (copied to %s)",
-                path.name,
-                pos,
-                reason,
-                action,
-                end - pos,
-                moved_to,
-            )
-
-        pos = good_end = 0
-        while pos < len(data):
-            parsed = _parse(data, pos)
-            if isinstance(parsed, str):
-                nxt = _resync(data, pos + 1, last_good + 1)
-                if nxt is None:
-                    skip(pos, len(data), parsed, "truncated")
-                    _truncate(path, pos, fsync=fsync)
-                    seg.size = pos
-                    break
-                skip(pos, nxt, parsed, "skipped to the next valid record")
-                pos = nxt
-                continue
-            seq, length = parsed
-            end = pos + HEADER_BYTES + length
-            if seq <= last_good:
-                skip(pos, end, "sequence out of order", f"seq {seq} after {last_good}, skipped")
-                pos = end
-                continue
-            if seq != last_good + 1:
-                report.append(SpoolProblem(path.name, pos, "sequence gap"))
+        seg.seqs, seg.offsets, seg.lengths = scan.seqs, scan.offsets, scan.lengths
+        for defect in scan.defects:
+            if defect.reason == "sequence gap":
+                report.append(SpoolProblem(path.name, defect.offset, "sequence gap"))
                 logger.warning(
                     "spool recovery: %s offset %d: sequence gap (expected %d, found %d); %d records missing",
                     path.name,
-                    pos,
-                    last_good + 1,
-                    seq,
-                    seq - last_good - 1,
+                    defect.offset,
+                    defect.expected_seq,
+                    defect.found_seq,
+                    defect.found_seq - defect.expected_seq,
                 )
-            seg.seqs.append(seq)
-            seg.offsets.append(pos)
-            seg.lengths.append(length)
-            last_good = seq
-            pos = good_end = end
-        if is_last and good_end < seg.size:
+                continue
+            end = defect.offset + defect.skipped_bytes
+            moved_to = _set_aside(path, data, defect.offset, end, fsync=fsync)
+            problem = SpoolProblem(path.name, defect.offset, defect.reason, defect.skipped_bytes, moved_to)
+            report.append(problem)
+            logger.warning(
+                "spool recovery: %s offset %d: %s; %s %d bytes (copied to %s)",
+                path.name,
+                defect.offset,
+                defect.reason,
+                defect.action,
+                defect.skipped_bytes,
+                moved_to,
+            )
+        if scan.cut_at is not None:
+            # Nothing valid follows; those bytes were just copied aside.
+            _truncate(path, scan.cut_at, fsync=fsync)
+            seg.size = scan.cut_at
+        if is_last and scan.good_end < seg.size:
             # Everything after the last good record was reported and copied aside; appends go right after it.
-            _truncate(path, good_end, fsync=fsync)
-            seg.size = good_end
-        return seg, last_good
+            _truncate(path, scan.good_end, fsync=fsync)
+            seg.size = scan.good_end
+        return seg, scan.last_good
 
     # -- properties -----------------------------------------------------------------------------------------
 
@@ -519,7 +521,7 @@ class Spool:
             raise SpoolError(f"spool write failed: {exc}") from exc
         if self._fsync:
             try:
-                os.fsync(seg.fd)
+                _fsync(seg.fd)
             except OSError as exc:
                 self._broken = str(exc)
                 raise SpoolError(f"spool fsync failed: {exc}") from exc
@@ -547,74 +549,120 @@ class Spool:
         with self._state_lock:
             old = self._segments[-1]
             self._segments.append(seg)
-            if old.fd is not None:
-                os.close(old.fd)
-                old.fd = None
+            old_fd, old.fd = old.fd, None
+        # Readers hold their own descriptor (a dup), so closing this one cannot break a read in progress.
+        if old_fd is not None:
+            os.close(old_fd)
         logger.debug("spool: new segment %s", path.name)
         return seg
 
     # -- reading --------------------------------------------------------------------------------------------
 
-    def read(self, after_seq: int, max_records: int, *, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
+    def read(
+        self, after_seq: int, max_records: int, *, max_bytes: int = DEFAULT_READ_MAX_BYTES
+    ) -> list[tuple[int, bytes]]:
         """Up to ``max_records`` durable records with ``seq > after_seq``, in order, as ``(seq, payload)``.
 
-        ``max_bytes`` caps the payload total (at least one record is returned). Records are verified again;
-        one that fails its CRC now (bit rot since open) is logged and skipped, never returned.
+        ``max_bytes`` caps the file bytes read (headers included); at least one record is returned, so a
+        record larger than the cap cannot block a reader. Records are verified again; one that fails its CRC
+        now (bit rot since open) is logged and skipped, never returned. The index is copied under the lock
+        and the files are read without it, so ``depth``/``last_seq`` callers never wait for this read.
         """
-        out: list[tuple[int, bytes]] = []
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
         if max_records <= 0:
-            return out
-        total = 0
+            return []
+        while True:
+            slices = self._plan_read(after_seq, max_records, max_bytes)
+            try:
+                if self._open_slices(slices):
+                    return self._read_slices(slices)
+            finally:
+                for s in slices:
+                    if s.fd is not None:
+                        os.close(s.fd)
+            # A commit deleted a planned segment between planning and opening: its records are delivered and
+            # gone from the index, so planning again skips them. Each retry follows one such deletion.
+
+    def _plan_read(self, after_seq: int, max_records: int, max_bytes: int) -> list[_ReadSlice]:
+        """Copy the index entries a read returns; dups the active segment's descriptor. No disk I/O."""
+        slices: list[_ReadSlice] = []
+        count = total = 0
         with self._state_lock:
             if self._closed:
                 raise SpoolError("spool is closed")
-            for seg in self._segments:
-                last = seg.last_seq
-                if last is None or last <= after_seq:
-                    continue
-                i = bisect_right(seg.seqs, after_seq)
-                j = i
-                while j < len(seg.seqs) and len(out) + (j - i) < max_records:
-                    if max_bytes is not None and (out or j > i) and total + seg.lengths[j] > max_bytes:
-                        break
-                    total += seg.lengths[j]
-                    j += 1
-                if j > i:
-                    self._read_range(seg, i, j, out)
-                if len(out) >= max_records or j < len(seg.seqs):
-                    break
-        return out
+            try:
+                for seg in self._segments:
+                    last = seg.last_seq
+                    if last is None or last <= after_seq:
+                        continue
+                    n = len(seg.seqs)
+                    i = bisect_right(seg.seqs, after_seq)
+                    base = seg.offsets[i]
+                    # Records are in file order, so the span read grows with each one: every record starting
+                    # at or before base + budget - HEADER_BYTES fits except possibly the last of them.
+                    budget = max_bytes - total
+                    j = bisect_right(seg.offsets, base + budget - HEADER_BYTES, i, min(n, i + max_records - count))
+                    if j > i and seg.offsets[j - 1] + HEADER_BYTES + seg.lengths[j - 1] - base > budget:
+                        j -= 1
+                    if j == i and count == 0:
+                        j = i + 1  # at least one record, however large
+                    if j > i:
+                        s = _ReadSlice(seg, seg.seqs[i:j], seg.offsets[i:j], seg.lengths[i:j])
+                        slices.append(s)
+                        if seg.fd is not None:
+                            s.fd = os.dup(seg.fd)
+                        count += j - i
+                        total += seg.offsets[j - 1] + HEADER_BYTES + seg.lengths[j - 1] - base
+                    if j < n:
+                        break  # stopped by a cap
+            except OSError as exc:
+                for s in slices:
+                    if s.fd is not None:
+                        os.close(s.fd)
+                raise SpoolError(f"cannot read spool: {exc}") from exc
+        return slices
 
-    def _read_range(self, seg: _Segment, i: int, j: int, out: list[tuple[int, bytes]]) -> None:
-        """Append records ``i..j-1`` of ``seg`` to ``out``; the caller holds ``_state_lock``."""
-        base = seg.offsets[i]
-        end = seg.offsets[j - 1] + HEADER_BYTES + seg.lengths[j - 1]
-        try:
-            if seg.fd is not None:
-                data = _pread_exact(seg.fd, end - base, base)
-            else:
-                fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    data = _pread_exact(fd, end - base, base)
-                finally:
-                    os.close(fd)
-        except OSError as exc:
-            raise SpoolError(f"cannot read {seg.path.name}: {exc}") from exc
-        for k in range(i, j):
-            pos = seg.offsets[k] - base
-            parsed = _parse(data, pos)
-            if isinstance(parsed, str) or parsed != (seg.seqs[k], seg.lengths[k]):
-                reason = parsed if isinstance(parsed, str) else "header does not match index"
-                logger.error(
-                    "spool: %s offset %d (seq %d) is corrupt on read: %s; record skipped",
-                    seg.path.name,
-                    seg.offsets[k],
-                    seg.seqs[k],
-                    reason,
-                )
+    def _open_slices(self, slices: list[_ReadSlice]) -> bool:
+        """Open every planned segment without a descriptor; False if a commit deleted one meanwhile."""
+        for s in slices:
+            if s.fd is not None:
                 continue
-            start = pos + HEADER_BYTES
-            out.append((seg.seqs[k], data[start : start + seg.lengths[k]]))
+            try:
+                s.fd = os.open(s.segment.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError as exc:
+                with self._state_lock:
+                    still_indexed = any(seg is s.segment for seg in self._segments)
+                if still_indexed:
+                    raise SpoolError(f"cannot read {s.segment.path.name}: {exc}") from exc
+                return False
+            except OSError as exc:
+                raise SpoolError(f"cannot read {s.segment.path.name}: {exc}") from exc
+        return True
+
+    def _read_slices(self, slices: list[_ReadSlice]) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        for s in slices:
+            assert s.fd is not None
+            name = s.segment.path.name
+            base = s.offsets[0]
+            end = s.offsets[-1] + HEADER_BYTES + s.lengths[-1]
+            try:
+                data = _pread_exact(s.fd, end - base, base)
+            except OSError as exc:
+                raise SpoolError(f"cannot read {name}: {exc}") from exc
+            for seq, offset, length in zip(s.seqs, s.offsets, s.lengths, strict=True):
+                pos = offset - base
+                parsed = parse_record(data, pos)
+                if isinstance(parsed, str) or parsed != (seq, length):
+                    reason = parsed if isinstance(parsed, str) else "header does not match index"
+                    logger.error(
+                        "spool: %s offset %d (seq %d) is corrupt on read: %s; record skipped", name, offset, seq, reason
+                    )
+                    continue
+                start = pos + HEADER_BYTES
+                out.append((seq, data[start : start + length]))
+        return out
 
     # -- committing -----------------------------------------------------------------------------------------
 
@@ -631,21 +679,21 @@ class Spool:
                     raise ValueError(f"cannot commit seq {seq} beyond last_seq {self._last_seq}")
                 if seq <= self._committed_seq:
                     return
+            # The cursor's fsyncs run under _commit_lock only: readers of committed_seq keep the old value
+            # until the new one is durable.
             self._write_cursor(seq)
             with self._state_lock:
                 self._committed_seq = seq
             self._delete(self._detach_collectable())
 
     def _write_cursor(self, seq: int) -> None:
-        head = _CURSOR_MAGIC + seq.to_bytes(8, "little")
-        raw = head + zlib.crc32(head).to_bytes(4, "little")
         tmp = self._dir / (CURSOR_NAME + ".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
-                _pwrite_all(fd, raw, 0)
+                _pwrite_all(fd, encode_cursor(seq), 0)
                 if self._fsync:
-                    os.fsync(fd)
+                    _fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, self._dir / CURSOR_NAME)
@@ -656,6 +704,7 @@ class Spool:
 
     def _detach_collectable(self) -> list[_Segment]:
         """Remove from the index every non-active segment whose records are all committed."""
+        fds: list[int] = []
         with self._state_lock:
             keep: list[_Segment] = []
             doomed: list[_Segment] = []
@@ -666,11 +715,13 @@ class Spool:
                     doomed.append(seg)
                     self._bytes -= seg.size
                     if seg.fd is not None:
-                        os.close(seg.fd)
+                        fds.append(seg.fd)
                         seg.fd = None
                 else:
                     keep.append(seg)
             self._segments = keep
+        for fd in fds:
+            os.close(fd)
         return doomed
 
     def _delete(self, segments: list[_Segment]) -> None:
@@ -686,18 +737,23 @@ class Spool:
     # -- closing --------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close files and release the directory lock; waits for an in-progress ``append``. Idempotent."""
-        with self._write_lock, self._commit_lock, self._state_lock:
-            if self._closed:
-                return
-            self._closed = True
-            for seg in self._segments:
-                if seg.fd is not None:
-                    os.close(seg.fd)
+        """Close files and release the directory lock; waits for an in-progress ``append``/``commit``.
+
+        Idempotent. It may wait for an fsync, so call it from a worker thread, not the event loop.
+        """
+        with self._write_lock, self._commit_lock:
+            with self._state_lock:
+                if self._closed:
+                    return
+                self._closed = True
+                fds = [seg.fd for seg in self._segments if seg.fd is not None]
+                for seg in self._segments:
                     seg.fd = None
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+                lock_fd, self._lock_fd = self._lock_fd, None
+            for fd in fds:
+                os.close(fd)
+            if lock_fd is not None:
+                os.close(lock_fd)  # last: another process may open the spool from here on
 
     def __enter__(self) -> Spool:
         return self
@@ -714,7 +770,7 @@ def _set_aside(path: Path, data: bytes, start: int, end: int, *, fsync: bool) ->
         try:
             _pwrite_all(fd, data[start:end], 0)
             if fsync:
-                os.fsync(fd)
+                _fsync(fd)
         finally:
             os.close(fd)
         if fsync:
@@ -731,121 +787,8 @@ def _truncate(path: Path, size: int, *, fsync: bool) -> None:
     try:
         os.ftruncate(fd, size)
         if fsync:
-            os.fsync(fd)
+            _fsync(fd)
     finally:
         os.close(fd)
     if fsync:
         _fsync_dir(path.parent)
-
-
-class AsyncSpool:
-    """Asyncio front of a ``Spool`` that coalesces concurrent ``append`` calls into one fsync'ed batch.
-
-    One batch is written at a time in a worker thread; callers arriving meanwhile form the next batch.
-    """
-
-    def __init__(self, spool: Spool, *, max_batch_records: int = 1024, max_batch_bytes: int = 8 * 1024 * 1024) -> None:
-        self.spool = spool
-        self._max_batch_records = max_batch_records
-        self._max_batch_bytes = max_batch_bytes
-        self._queue: deque[tuple[bytes, asyncio.Future[int]]] = deque()
-        self._writer: asyncio.Task[None] | None = None
-        self._data = asyncio.Event()
-        self._closing = False
-
-    @property
-    def last_seq(self) -> int:
-        return self.spool.last_seq
-
-    @property
-    def committed_seq(self) -> int:
-        return self.spool.committed_seq
-
-    @property
-    def depth(self) -> int:
-        return self.spool.depth
-
-    async def append(self, payload: bytes) -> int:
-        """Store ``payload`` durably and return its sequence number; raises ``SpoolFull``/``SpoolError``.
-
-        If the caller is cancelled after its batch started, the record may still be stored (at-least-once).
-        """
-        if self._closing:
-            raise SpoolError("spool is closing")
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((payload, fut))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._drain(), name="spool-writer")
-        return await fut
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch = self._take_batch()
-                if not batch:
-                    continue
-                try:
-                    seqs = await asyncio.to_thread(self.spool.append, [p for p, _ in batch])
-                except BaseException as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc if isinstance(exc, Exception) else SpoolError(repr(exc)))
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (_, fut), seq in zip(batch, seqs, strict=True):
-                    if not fut.done():
-                        fut.set_result(seq)
-                # Wake every wait_for_data() caller; they re-check last_seq against their position.
-                self._data.set()
-                self._data = asyncio.Event()
-        finally:
-            self._writer = None
-
-    def _take_batch(self) -> list[tuple[bytes, asyncio.Future[int]]]:
-        batch: list[tuple[bytes, asyncio.Future[int]]] = []
-        batch_bytes = 0
-        while self._queue and len(batch) < self._max_batch_records:
-            payload, fut = self._queue[0]
-            if batch and batch_bytes + len(payload) > self._max_batch_bytes:
-                break
-            self._queue.popleft()
-            if fut.done():  # the caller was cancelled before anything was written: drop it
-                continue
-            batch.append((payload, fut))
-            batch_bytes += len(payload)
-        return batch
-
-    async def wait_for_data(self, after_seq: int, timeout_s: float) -> bool:
-        """Wait until ``last_seq > after_seq``; False if ``timeout_s`` passed first.
-
-        Only appends made through this wrapper wake waiters early.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self.spool.last_seq <= after_seq:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            event = self._data
-            try:
-                async with asyncio.timeout(remaining):
-                    await event.wait()
-            except TimeoutError:
-                return self.spool.last_seq > after_seq
-        return True
-
-    async def read(self, after_seq: int, max_records: int, *, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
-        """``Spool.read`` in a worker thread (it may hit the disk after a restart)."""
-        return await asyncio.to_thread(self.spool.read, after_seq, max_records, max_bytes=max_bytes)
-
-    async def commit(self, seq: int) -> None:
-        """``Spool.commit`` in a worker thread (it fsyncs the cursor)."""
-        await asyncio.to_thread(self.spool.commit, seq)
-
-    async def close(self) -> None:
-        """Finish queued appends (an in-progress write included), then close the spool."""
-        self._closing = True
-        while self._writer is not None:
-            await asyncio.shield(self._writer)
-        self.spool.close()

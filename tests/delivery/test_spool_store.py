@@ -1,8 +1,7 @@
-"""The write-ahead spool: framing, segments, commit, recovery from torn and corrupt files, group commit, crashes."""
+"""The spool store: segments, reads, commit, recovery from torn and corrupt files, locking, crashes."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -12,23 +11,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.delivery.spool import (
-    CURSOR_NAME,
-    HEADER_BYTES,
-    MAX_PAYLOAD_BYTES,
-    AsyncSpool,
-    Spool,
-    SpoolError,
-    SpoolFull,
-    encode_header,
-)
+from bridge.delivery.spool import store
+from bridge.delivery.spool.format import CURSOR_NAME, HEADER_BYTES, MAX_PAYLOAD_BYTES, encode_header
+from bridge.delivery.spool.store import DEFAULT_READ_MAX_BYTES, Spool, SpoolError, SpoolFull, SpoolInUse
 from bridge.errors import BridgeError
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
 EVERYTHING = 1 << 40
@@ -57,6 +53,45 @@ def write_three(directory: Path) -> tuple[list[bytes], list[int]]:
 
 def reasons(spool: Spool) -> list[str]:
     return [p.reason for p in spool.recovery_report]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Gate:
+    """Wraps an I/O helper so its first call blocks until ``release``; later calls pass straight through."""
+
+    def __init__(self, real: Callable[..., object]) -> None:
+        self.real = real
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, *args: object) -> object:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10), "the blocked call was never released"
+        return self.real(*args)
+
+
+def promptly(fn: Callable[[], T], timeout_s: float = 5.0) -> T:
+    """``fn()``, run in another thread; fails if it does not finish within ``timeout_s`` (it is blocked)."""
+    box: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), "blocked behind the disk I/O of another thread"
+    if errors:
+        raise errors[0]
+    return box[0]
 
 
 # -- basics ------------------------------------------------------------------------------------------------------
@@ -146,9 +181,10 @@ def test_commit_deletes_delivered_segments_and_survives_reopen(tmp_path: Path) -
 
 
 def test_second_open_of_the_same_directory_is_refused(tmp_path: Path) -> None:
-    with Spool.open(tmp_path, fsync=False), pytest.raises(SpoolError, match="in use"):
+    with Spool.open(tmp_path, fsync=False), pytest.raises(SpoolInUse, match="in use"):
         Spool.open(tmp_path, fsync=False)
     Spool.open(tmp_path, fsync=False).close()
+    assert issubclass(SpoolInUse, SpoolError)
 
 
 def test_closed_spool_and_oversized_record_raise_spool_error(tmp_path: Path) -> None:
@@ -214,6 +250,129 @@ def test_reads_and_commits_while_another_thread_appends(tmp_path: Path) -> None:
         thread.join()
         assert seen == list(range(1, total + 1))
         assert spool.depth == 0
+
+
+def test_reads_are_capped_in_bytes_and_still_return_a_record_larger_than_the_cap(tmp_path: Path) -> None:
+    small, big = b"s" * 100, b"B" * 5000  # 120 and 5020 bytes on disk
+    with Spool.open(tmp_path, segment_max_bytes=250, fsync=False) as spool:  # two small records per segment
+        spool.append([small] * 10 + [big] + [small] * 3)
+        # The cap counts headers and applies across segments.
+        assert [s for s, _ in spool.read(0, 100, max_bytes=360)] == [1, 2, 3]
+        assert [s for s, _ in spool.read(0, 100, max_bytes=359)] == [1, 2]
+        assert [s for s, _ in spool.read(0, 2, max_bytes=10_000)] == [1, 2]
+        assert spool.read(10, 100, max_bytes=120) == [(11, big)]  # alone, but not stuck
+        assert [s for s, _ in spool.read(9, 100, max_bytes=5140)] == [10, 11]
+        assert [s for s, _ in spool.read(9, 100, max_bytes=5260)] == [10, 11, 12]
+        with pytest.raises(ValueError, match="max_bytes"):
+            spool.read(0, 1, max_bytes=0)
+    mib = 1024 * 1024
+    with Spool.open(tmp_path / "large", fsync=False) as spool:
+        spool.append([b"m" * mib] * 6)
+        # Without max_bytes a read is still bounded (4 MiB: three 1 MiB records and their headers fit).
+        fit = DEFAULT_READ_MAX_BYTES // (mib + HEADER_BYTES)
+        assert 1 < fit < 6
+        assert [s for s, _ in spool.read(0, 100)] == list(range(1, fit + 1))
+
+
+def test_a_read_blocked_on_the_disk_blocks_neither_the_properties_nor_appends_nor_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payloads = [b"%03d" % i * 10 for i in range(9)]  # 50-byte records, three per segment
+    with Spool.open(tmp_path, segment_max_bytes=160, fsync=False) as spool:
+        spool.append(payloads)
+        gate = Gate(store._pread_exact)
+        monkeypatch.setattr(store, "_pread_exact", gate)
+        result: list[list[tuple[int, bytes]]] = []
+        reader = threading.Thread(target=lambda: result.append(spool.read(0, 6)))
+        reader.start()
+        try:
+            assert gate.entered.wait(5)
+            # The reader is inside pread now: what the event loop asks for on every callback still answers.
+            assert promptly(lambda: (spool.depth, spool.last_seq, spool.committed_seq)) == (9, 9, 0)
+            assert promptly(lambda: spool.append([b"late"])) == [10]
+            # This commit deletes the two segments the blocked read is reading from.
+            promptly(lambda: spool.commit(9))
+            assert [p.name for p in segs(tmp_path)] == [f"{10:020d}.seg"]
+        finally:
+            gate.release.set()
+            reader.join(5)
+        assert result == [list(enumerate(payloads, 1))[:6]]  # read from the descriptors it held
+        assert spool.read(0, 100) == [(10, b"late")]
+
+
+def test_a_read_planned_before_a_commit_deleted_its_segments_reads_what_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payloads = [b"%03d" % i * 10 for i in range(10)]  # segments 1-3, 4-6, 7-9 and the active 10
+    with Spool.open(tmp_path, segment_max_bytes=160, fsync=False) as spool:
+        spool.append(payloads)
+        plan = spool._plan_read
+        plans = 0
+
+        def plan_then_commit(*args: int) -> list[store._ReadSlice]:
+            nonlocal plans
+            plans += 1
+            slices = plan(*args)
+            if plans == 1:
+                spool.commit(6)  # between planning and opening: segments 1-3 and 4-6 disappear
+            return slices
+
+        monkeypatch.setattr(spool, "_plan_read", plan_then_commit)
+        fds = open_fds()
+        assert spool.read(0, 100) == list(enumerate(payloads, 1))[6:]
+        assert plans == 2
+        assert open_fds() == fds  # the duplicated descriptor of the active segment was closed
+        # A segment that vanished without a commit is an error, not an endless retry.
+        monkeypatch.undo()
+        segs(tmp_path)[0].unlink()
+        with pytest.raises(SpoolError, match="cannot read"):
+            spool.read(0, 100)
+
+
+@pytest.mark.parametrize("operation", ["append", "roll", "commit"])
+def test_an_fsync_never_blocks_the_properties_or_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operation: str
+) -> None:
+    with Spool.open(tmp_path, segment_max_bytes=100) as spool:  # fsync on
+        spool.append([b"x" * 30])  # 50 bytes
+        gate = Gate(store._fsync)
+        monkeypatch.setattr(store, "_fsync", gate)
+        calls: dict[str, Callable[[], object]] = {
+            "append": lambda: spool.append([b"y" * 10]),  # fits: the data fsync blocks
+            "roll": lambda: spool.append([b"z" * 40]),  # does not fit: the new segment's directory fsync blocks
+            "commit": lambda: spool.commit(1),  # the cursor fsync blocks
+        }
+        outcome: list[object] = []
+        worker = threading.Thread(target=lambda: outcome.append(calls[operation]()))
+        worker.start()
+        try:
+            assert gate.entered.wait(5)
+            state = promptly(lambda: (spool.depth, spool.last_seq, spool.committed_seq, spool.read(0, 10)))
+            # Nothing becomes visible before it is durable: no new record, no new committed_seq.
+            assert state == (1, 1, 0, [(1, b"x" * 30)])
+        finally:
+            gate.release.set()
+            worker.join(5)
+        assert outcome == [None] if operation == "commit" else outcome == [[2]]
+        assert spool.depth == (0 if operation == "commit" else 2)
+
+
+def test_inspect_reports_positions_without_changing_a_file(tmp_path: Path) -> None:
+    assert Spool.inspect(tmp_path / "missing") == store.SpoolStatus(tmp_path / "missing", 0, 0)
+    assert not (tmp_path / "missing").exists()
+    with Spool.open(tmp_path, segment_max_bytes=160, fsync=False) as spool:
+        spool.append([b"%03d" % i * 10 for i in range(8)])
+        spool.commit(4)
+        with pytest.raises(SpoolInUse):
+            Spool.inspect(tmp_path)
+    last = segs(tmp_path)[-1]
+    last.write_bytes(last.read_bytes()[:-7])  # record 8 torn
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    status = Spool.inspect(tmp_path)
+    assert (status.committed_seq, status.last_seq, status.depth) == (4, 7, 3)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing repaired, nothing set aside
+    with Spool.open(tmp_path, segment_max_bytes=160, fsync=False) as spool:
+        assert (spool.committed_seq, spool.last_seq, spool.depth) == (4, 7, 3)
 
 
 # -- recovery ----------------------------------------------------------------------------------------------------
@@ -327,10 +486,10 @@ def test_recovery_logs_a_warning_with_offset_and_reason_but_no_payload(
         spool.append([b"SECRET-ONE", b"SECRET-TWO"])
     (seg,) = segs(tmp_path)
     seg.write_bytes(seg.read_bytes()[:-4])
-    with caplog.at_level(logging.WARNING, logger="bridge.delivery.spool"), Spool.open(tmp_path, fsync=False):
+    with caplog.at_level(logging.WARNING, logger="bridge.delivery.spool.store"), Spool.open(tmp_path, fsync=False):
         pass
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert warning.name == "bridge.delivery.spool"
+    assert warning.name == "bridge.delivery.spool.store"
     assert f"offset {HEADER_BYTES + 10}" in warning.getMessage()
     assert "truncated payload" in warning.getMessage()
     assert "SECRET" not in caplog.text
@@ -425,7 +584,9 @@ def test_property_truncated_last_segment_yields_an_exact_prefix(
         last = segs(directory)[-1]
         data = last.read_bytes()
         last.write_bytes(data[: cut % (len(data) + 1)])
+        status = Spool.inspect(directory)
         with Spool.open(directory, segment_max_bytes=segment_max_bytes, fsync=False) as spool:
+            assert (spool.committed_seq, spool.last_seq) == (status.committed_seq, status.last_seq)
             records = everything(spool)
             expected = list(enumerate(payloads, 1))
             assert records == expected[: len(records)]
@@ -452,7 +613,9 @@ def test_property_corrupted_bytes_never_reach_a_reader(
             if data:
                 data[where % len(data)] ^= mask
                 path.write_bytes(bytes(data))
+        status = Spool.inspect(directory)
         with Spool.open(directory, segment_max_bytes=segment_max_bytes, fsync=False) as spool:
+            assert (spool.committed_seq, spool.last_seq) == (status.committed_seq, status.last_seq)
             records = everything(spool)
             expected = dict(enumerate(payloads, 1))
             assert all(expected[seq] == payload for seq, payload in records)
@@ -462,66 +625,6 @@ def test_property_corrupted_bytes_never_reach_a_reader(
             next_seq = spool.last_seq + 1
             assert next_seq > max((s for s, _ in records), default=0)
             assert spool.append([b"after"]) == [next_seq]
-
-
-# -- asyncio wrapper ---------------------------------------------------------------------------------------------
-
-
-async def test_concurrent_appends_are_group_committed(tmp_path: Path) -> None:
-    spool = Spool.open(tmp_path)  # fsync on: fsync_count counts real fsyncs
-    aspool = AsyncSpool(spool)
-    payloads = [b"event-%d" % i for i in range(200)]
-    seqs = await asyncio.gather(*(aspool.append(p) for p in payloads))
-    assert sorted(seqs) == list(range(1, 201))
-    assert spool.fsync_count < 20, spool.fsync_count
-    by_seq = dict(await aspool.read(0, 1000))
-    assert all(by_seq[seq] == payload for seq, payload in zip(seqs, payloads, strict=True))
-    # A second wave while a write is in progress forms the next batch.
-    first = asyncio.create_task(aspool.append(b"alone"))
-    await asyncio.sleep(0)
-    wave = [asyncio.create_task(aspool.append(b"wave-%d" % i)) for i in range(50)]
-    assert await first == 201
-    assert sorted(await asyncio.gather(*wave)) == list(range(202, 252))
-    await aspool.commit(251)
-    assert aspool.depth == 0 and aspool.committed_seq == 251 and aspool.last_seq == 251
-    await aspool.close()
-
-
-async def test_wait_for_data_wakes_on_append_and_times_out(tmp_path: Path) -> None:
-    aspool = AsyncSpool(Spool.open(tmp_path, fsync=False))
-    assert await aspool.wait_for_data(0, timeout_s=0.05) is False
-    waiter = asyncio.create_task(aspool.wait_for_data(0, timeout_s=5))
-    await asyncio.sleep(0.01)
-    assert not waiter.done()
-    started = time.monotonic()
-    await aspool.append(b"x")
-    assert await waiter is True
-    assert time.monotonic() - started < 1
-    assert await aspool.wait_for_data(0, timeout_s=0) is True
-    assert await aspool.wait_for_data(1, timeout_s=0.01) is False
-    await aspool.close()
-
-
-async def test_spool_full_reaches_every_caller_of_the_batch(tmp_path: Path) -> None:
-    aspool = AsyncSpool(Spool.open(tmp_path, max_bytes=10 * (HEADER_BYTES + 10), fsync=False))
-    results = await asyncio.gather(*(aspool.append(b"0123456789") for _ in range(12)), return_exceptions=True)
-    assert all(isinstance(r, SpoolFull) for r in results)
-    assert aspool.last_seq == 0
-    assert await aspool.append(b"0123456789") == 1
-    await aspool.close()
-
-
-async def test_close_waits_for_the_write_in_progress(tmp_path: Path) -> None:
-    spool = Spool.open(tmp_path)
-    aspool = AsyncSpool(spool)
-    tasks = [asyncio.create_task(aspool.append(b"p%d" % i)) for i in range(30)]
-    await asyncio.sleep(0)  # the writer has started
-    await aspool.close()
-    assert sorted([t.result() for t in tasks]) == list(range(1, 31))
-    with pytest.raises(SpoolError):
-        await aspool.append(b"late")
-    with Spool.open(tmp_path) as reopened:
-        assert reopened.last_seq == 30
 
 
 # -- crash and throughput ----------------------------------------------------------------------------------------
