@@ -46,6 +46,8 @@ async def serve_fakevod(events: int) -> None:
 async def run_poller(args: argparse.Namespace) -> dict[str, Any]:
     from bridge.config import KafkaSettings, PollerSettings
     from bridge.delivery.kafka import KafkaSink
+    from bridge.delivery.pipeline import Delivery
+    from bridge.delivery.records import event_headers
     from bridge.ops.metrics import Metrics
     from bridge.sources.poller import Poller
     from bridge.vod.api import Credentials, VodClient
@@ -63,12 +65,14 @@ async def run_poller(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.wait_for(sink.connect(), timeout=30)
     # Warm the topic metadata, as the warm-up of the HTTP scenarios does.
     warm = decode_event(PayloadMaker(start=2 * 10**9).next()[1])
-    await sink.publish(warm, source="pull", received_at=datetime.now(UTC))
-    settings = PollerSettings(enabled=True, endpoint=args.endpoint, dead_letter_topic=f"{args.topic}.dlq")
+    headers = event_headers(warm, source="pull", received_at=datetime.now(UTC))
+    await sink.send(args.topic, warm.key.encode(), warm.value, headers)
+    settings = PollerSettings(enabled=True, endpoint=args.endpoint)
+    delivery = Delivery(sink, metrics, topic_for=kafka.topic_for, dead_letter_topic=f"{args.topic}.dlq")
     try:
         async with aiohttp.ClientSession() as session:
             client = VodClient(session, Credentials(SECRET_ID, SECRET_KEY), endpoint=args.endpoint)
-            poller = Poller(client, sink, settings, metrics)
+            poller = Poller(client, delivery, settings, metrics, ready=lambda: sink.ready)
             cpu_start = cpu_self_s()
             mark(MARK_START)
             started = time.perf_counter()

@@ -420,8 +420,8 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
 PROFILE_COMPONENTS = (
     ("aiokafka: murmur2 key hash (pure Python)", r"murmur2 \("),
     ("aiokafka: send, batching, sender, protocol", r"aiokafka/"),
-    ("bridge: decode_event (msgspec)", r"bridge/events.py"),
-    ("bridge: record headers, timestamps", r"record_headers \(|rfc3339_utc \(|bridge/timefmt.py"),
+    ("bridge: read_event (msgspec)", r"bridge/vod/decode.py"),
+    ("bridge: record headers, timestamps", r"event_headers \(|rfc3339_utc \(|bridge/timefmt.py"),
     ("prometheus_client metrics", r"prometheus_client/"),
     ("asyncio.timeout (body read, publish)", r"asyncio/timeouts.py"),
     ("json_response (json.dumps + Response)", r"json_response \("),

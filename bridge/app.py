@@ -1,4 +1,5 @@
-"""``create_app``: the one wiring point. Resources live in cleanup contexts, shared through typed AppKeys."""
+"""``create_app``: the one wiring point. Every component is built here and handed its collaborators; resources
+with a lifetime (the producer, the spool, the poller) live in cleanup contexts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +19,41 @@ from bridge.config import Settings, parse_networks
 from bridge.delivery.dedup import DedupWindow
 from bridge.delivery.forwarder import SpoolForwarder
 from bridge.delivery.kafka import KafkaSink
+from bridge.delivery.pipeline import Delivery
 from bridge.delivery.spool import AsyncSpool, Spool
 from bridge.errors import BridgeError, ConfigError
-from bridge.keys import (
-    DEDUP_KEY,
-    FORWARDER_KEY,
-    METRICS_KEY,
-    POLLER_KEY,
-    SETTINGS_KEY,
-    SINK_KEY,
-    SOURCE_FILTER_KEY,
-    TRACER_KEY,
-)
 from bridge.ops.logs import RedactingAccessLogger
 from bridge.ops.metrics import Metrics
 from bridge.ops.tracing import make_tracer
 from bridge.sources.access import SourceFilter
-from bridge.sources.callback import error_middleware, expect_continue, handle_callback
+from bridge.sources.callback import CallbackReceiver
+from bridge.sources.http import error_middleware
 from bridge.sources.poller import Poller
 from bridge.vod.api import Credentials, VodClient
 
-logger = logging.getLogger("bridge.app")
+logger = logging.getLogger(__name__)
 
 FatalHandler = Callable[[BaseException], None]
+
+
+@dataclass
+class Components:
+    """What ``create_app`` built, for its own health/metrics handlers and for tests and embedders to inspect.
+
+    Sources and delivery never read this: they are handed their collaborators explicitly.
+    """
+
+    settings: Settings
+    metrics: Metrics
+    sink: KafkaSink
+    delivery: Delivery
+    #: Set once the spool is open (start-up), when ``BRIDGE_SPOOL_DIR`` is set.
+    forwarder: SpoolForwarder | None = None
+    poller: Poller | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+COMPONENTS = web.AppKey("components", Components)
 
 
 def _log_fatal(exc: BaseException) -> None:
@@ -56,33 +70,49 @@ def create_app(
     """Build the application. ``on_fatal`` is called when a background resource fails for good (the CLI
     uses it to stop the process with a non-zero exit); tests keep the default, which only logs.
 
-    Cleanup contexts are registered sink first, poller second, so on shutdown the poller finishes its
-    batch before the producer flushes and closes.
+    Cleanup contexts are registered sink first, spool second, poller third, so on shutdown the poller finishes
+    its batch and the forwarder stops before the producer flushes and closes.
     """
-    app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=[error_middleware])
-    app[SETTINGS_KEY] = settings
-    app[METRICS_KEY] = metrics or Metrics()
-    http = settings.http
-    app[SOURCE_FILTER_KEY] = SourceFilter(parse_networks(http.allowed_cidrs), parse_networks(http.trusted_proxies))
-    app[DEDUP_KEY] = DedupWindow(http.dedup_window_s, http.dedup_max_entries) if http.dedup_window_s > 0 else None
-    app[FORWARDER_KEY] = None
-    app[TRACER_KEY] = make_tracer(settings.otel_enabled)
-    app.cleanup_ctx.append(_kafka_sink_ctx(on_fatal))
+    if settings.poller.enabled and credentials is None:
+        raise ConfigError(
+            "BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY (or their _FILE)"
+        )
+    metrics = metrics or Metrics()
+    http, delivery_settings = settings.http, settings.delivery
+    sink = KafkaSink(settings.kafka, metrics, max_record_bytes=http.max_body_bytes)
+    dedup = (
+        DedupWindow(delivery_settings.dedup_window_s, delivery_settings.dedup_max_entries)
+        if delivery_settings.dedup_window_s > 0
+        else None
+    )
+    delivery = Delivery(
+        sink,
+        metrics,
+        topic_for=settings.kafka.topic_for,
+        dead_letter_topic=delivery_settings.dead_letter_topic,
+        invalid_callbacks=delivery_settings.callback_invalid,
+        dedup=dedup,
+        spool_budget_s=settings.spool.publish_budget_s,
+    )
+    components = Components(settings, metrics, sink, delivery)
+    tracer = make_tracer(settings.otel_enabled)
+
+    app = web.Application(client_max_size=http.max_body_bytes, middlewares=[error_middleware])
+    app[COMPONENTS] = components
+    app.cleanup_ctx.append(_kafka_sink_ctx(components, on_fatal))
     if settings.spool.dir is not None:
-        app.cleanup_ctx.append(_spool_ctx(settings.spool.dir, on_fatal))
-        app.on_shutdown.append(_stop_forwarder)
+        app.cleanup_ctx.append(_spool_ctx(components, Path(settings.spool.dir), on_fatal))
     if settings.poller.enabled:
-        if credentials is None:
-            raise ConfigError(
-                "BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY (or their _FILE)"
-            )
-        app.cleanup_ctx.append(_poller_ctx(credentials, on_fatal))
-        app.on_shutdown.append(_stop_poller)
+        assert credentials is not None
+        app.cleanup_ctx.append(_poller_ctx(components, credentials, tracer, on_fatal))
+    app.on_shutdown.append(_stop_background)
     if settings.callback_enabled:
-        app.router.add_post(http.callback_path, handle_callback, expect_handler=expect_continue)
+        source_filter = SourceFilter(parse_networks(http.allowed_cidrs), parse_networks(http.trusted_proxies))
+        receiver = CallbackReceiver(delivery, http, metrics, tracer, source_filter=source_filter)
+        app.router.add_post(http.callback_path, receiver.handle, expect_handler=receiver.expect_continue)
         if http.token is not None:
             path = http.callback_path.rstrip("/") + "/{token}"
-            app.router.add_post(path, handle_callback, expect_handler=expect_continue)
+            app.router.add_post(path, receiver.handle, expect_handler=receiver.expect_continue)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -104,28 +134,25 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _kafka_sink_ctx(
-    on_fatal: FatalHandler,
-) -> Callable[[web.Application], AsyncIterator[None]]:
+def _kafka_sink_ctx(c: Components, on_fatal: FatalHandler) -> Callable[[web.Application], AsyncIterator[None]]:
     async def kafka_sink(app: web.Application) -> AsyncIterator[None]:
-        settings = app[SETTINGS_KEY]
-        sink = KafkaSink(settings.kafka, app[METRICS_KEY], max_record_bytes=settings.http.max_body_bytes)
-        app[SINK_KEY] = sink
         # Connect in the background so /healthz and /readyz answer while Kafka is still unreachable.
-        connecting = asyncio.create_task(sink.connect(), name="kafka-connect")
+        connecting = asyncio.create_task(c.sink.connect(), name="kafka-connect")
         connecting.add_done_callback(lambda task: _report_failure(task, on_fatal))
         yield
         connecting.cancel()
         with contextlib.suppress(asyncio.CancelledError, BridgeError):
             await connecting
-        await sink.close()
+        await c.sink.close()
 
     return kafka_sink
 
 
-def _poller_ctx(credentials: Credentials, on_fatal: FatalHandler) -> Callable[[web.Application], AsyncIterator[None]]:
+def _poller_ctx(
+    c: Components, credentials: Credentials, tracer: Any, on_fatal: FatalHandler
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def vod_poller(app: web.Application) -> AsyncIterator[None]:
-        settings = app[SETTINGS_KEY]
+        settings = c.settings
         # The one HTTP client session of the process, reused by every VOD API call.
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.poller.request_timeout_s))
         client = VodClient(
@@ -136,10 +163,9 @@ def _poller_ctx(credentials: Credentials, on_fatal: FatalHandler) -> Callable[[w
             sub_app_id=settings.poller.sub_app_id,
             request_timeout_s=settings.poller.request_timeout_s,
         )
-        poller = Poller(
-            client, app[SINK_KEY], settings.poller, app[METRICS_KEY], dedup=app[DEDUP_KEY], tracer=app[TRACER_KEY]
-        )
-        app[POLLER_KEY] = poller
+        sink = c.sink
+        poller = Poller(client, c.delivery, settings.poller, c.metrics, ready=lambda: sink.ready, tracer=tracer)
+        c.poller = poller
         task = asyncio.create_task(poller.run(), name="vod-poller")
         task.add_done_callback(lambda task: _report_failure(task, on_fatal))
         yield
@@ -158,16 +184,23 @@ def _poller_ctx(credentials: Credentials, on_fatal: FatalHandler) -> Callable[[w
     return vod_poller
 
 
-def _spool_ctx(directory: str, on_fatal: FatalHandler) -> Callable[[web.Application], AsyncIterator[None]]:
+def _spool_ctx(
+    c: Components, directory: Path, on_fatal: FatalHandler
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def spool(app: web.Application) -> AsyncIterator[None]:
-        settings = app[SETTINGS_KEY]
-        store = await asyncio.to_thread(Spool.open, Path(directory), max_bytes=settings.spool.max_bytes)
+        settings = c.settings
+        store = await asyncio.to_thread(Spool.open, directory, max_bytes=settings.spool.max_bytes)
         # Spool.open already logged each recovery problem (file, offset, reason) at WARNING.
         async_spool = AsyncSpool(store)
         forwarder = SpoolForwarder(
-            async_spool, app[SINK_KEY], app[METRICS_KEY], dead_letter_topic=settings.poller.dead_letter_topic
+            async_spool,
+            c.sink,
+            c.metrics,
+            topic_for=settings.kafka.topic_for,
+            dead_letter_topic=settings.delivery.dead_letter_topic,
         )
-        app[FORWARDER_KEY] = forwarder
+        c.forwarder = forwarder
+        c.delivery.use_spool(forwarder)
         logger.info("spool open at %s with %d events waiting", directory, forwarder.depth)
         task = asyncio.create_task(forwarder.run(), name="spool-forwarder")
         task.add_done_callback(lambda task: _report_failure(task, on_fatal))
@@ -175,22 +208,20 @@ def _spool_ctx(directory: str, on_fatal: FatalHandler) -> Callable[[web.Applicat
         forwarder.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        c.delivery.use_spool(None)
         await async_spool.close()
 
     return spool
 
 
-async def _stop_forwarder(app: web.Application) -> None:
+async def _stop_background(app: web.Application) -> None:
     # on_shutdown runs before in-flight handlers finish: whatever they still spool stays on disk (the spool
-    # closes only in cleanup) and is forwarded at the next start.
-    forwarder = app[FORWARDER_KEY]
-    if forwarder is not None:
-        forwarder.stop()
-
-
-async def _stop_poller(app: web.Application) -> None:
-    if POLLER_KEY in app:
-        app[POLLER_KEY].stop()
+    # closes only in cleanup) and is forwarded at the next start. The poller finishes its current batch.
+    c = app[COMPONENTS]
+    if c.forwarder is not None:
+        c.forwarder.stop()
+    if c.poller is not None:
+        c.poller.stop()
 
 
 def _report_failure(task: asyncio.Task[None], on_fatal: FatalHandler) -> None:
@@ -213,17 +244,17 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    kafka_ready = request.app[SINK_KEY].ready
-    forwarder = request.app[FORWARDER_KEY]
-    if kafka_ready or forwarder is not None:
+    c = request.app[COMPONENTS]
+    kafka_ready = c.sink.ready
+    if kafka_ready or c.forwarder is not None:
         # With a spool, callbacks are accepted (spooled) even while Kafka is unreachable.
         body: dict[str, Any] = {"status": "ready", "kafka": "connected" if kafka_ready else "unavailable"}
-        if forwarder is not None:
-            body["spool_depth"] = forwarder.depth
+        if c.forwarder is not None:
+            body["spool_depth"] = c.forwarder.depth
         return web.json_response(body)
     return web.json_response({"status": "not_ready", "reason": "kafka producer not connected"}, status=503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS_KEY].render()
+    body = request.app[COMPONENTS].metrics.render()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")

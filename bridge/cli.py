@@ -1,7 +1,9 @@
 """`vod-bridge`: the command line. The only place that reads the process environment and picks exit codes.
 
-Exit codes: 0 clean shutdown, 2 invalid configuration, 3 failed while starting or running (e.g. the broker
-refused the idempotent producer).
+Exit codes: 0 clean shutdown (or a finished command), 1 a one-shot command did not get through (``send``: not
+a 2xx; ``redrive``: Kafka failed, re-run from the printed offsets), 2 invalid configuration (including a
+spool this worker count would strand), 3 failed while starting or running (e.g. the broker refused the
+idempotent producer).
 """
 
 from __future__ import annotations
@@ -24,10 +26,22 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.app import create_app, freeze_gc, runner_options
-from bridge.config import EventLoop, Settings, load_settings
+from bridge.config import ENV_VARS, EventLoop, Settings, load_settings
+from bridge.delivery.spool import check_no_stranded
 from bridge.errors import BridgeError, ConfigError
 from bridge.ops.embedded import EmbeddedBroker
 from bridge.ops.logs import configure_logging
+from bridge.ops.redrive import (
+    FromBeginning,
+    KafkaUnavailable,
+    RecordOutcome,
+    StartAt,
+    format_outcome,
+    format_report,
+    parse_offsets,
+    parse_since,
+    redrive_dead_letters,
+)
 from bridge.ops.schema import build_schemas, render, write_schemas
 from bridge.ops.tail import tail
 from bridge.ops.workers import run_workers
@@ -42,38 +56,22 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_FAILED = 3
 
-# CLI flag -> environment variable it overrides.
-_FLAG_TO_ENV = {
-    "bootstrap_servers": "BRIDGE_KAFKA_BOOTSTRAP_SERVERS",
-    "topic": "BRIDGE_KAFKA_TOPIC",
-    "host": "BRIDGE_HTTP_HOST",
-    "port": "BRIDGE_HTTP_PORT",
-    "callback_path": "BRIDGE_CALLBACK_PATH",
-    "enable_idempotence": "BRIDGE_KAFKA_ENABLE_IDEMPOTENCE",
-    "log_level": "BRIDGE_LOG_LEVEL",
-    "log_format": "BRIDGE_LOG_FORMAT",
-    "workers": "BRIDGE_WORKERS",
-}
-
 
 def sample_path(name: str = "pull-complete.json") -> Path:
     return Path(str(resources.files("bridge") / "samples" / name))
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+#: The settings that are also flags of the commands that take settings (``--workers`` only for ``serve``).
+_FLAGS = tuple(var for var in ENV_VARS if var.flag)
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, *, workers: bool = False) -> None:
     group = parser.add_argument_group("settings (each overrides its environment variable)")
-    group.add_argument("--bootstrap-servers", help="BRIDGE_KAFKA_BOOTSTRAP_SERVERS")
-    group.add_argument("--topic", help="BRIDGE_KAFKA_TOPIC")
-    group.add_argument("--host", help="BRIDGE_HTTP_HOST")
-    group.add_argument("--port", help="BRIDGE_HTTP_PORT")
-    group.add_argument("--callback-path", help="BRIDGE_CALLBACK_PATH")
-    group.add_argument(
-        "--enable-idempotence",
-        choices=["true", "false"],
-        help="BRIDGE_KAFKA_ENABLE_IDEMPOTENCE",
-    )
-    group.add_argument("--log-level", help="BRIDGE_LOG_LEVEL")
-    group.add_argument("--log-format", help="BRIDGE_LOG_FORMAT")
+    for var in _FLAGS:
+        if var.path == "workers" and not workers:
+            continue
+        choices = ["true", "false"] if var.name == "BRIDGE_KAFKA_ENABLE_IDEMPOTENCE" else None
+        group.add_argument(var.flag_name, dest=var.name, choices=choices, help=f"{var.name}: {var.help}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the bridge against the configured Kafka")
-    _add_settings_flags(serve)
-    serve.add_argument("--workers", help="BRIDGE_WORKERS: processes sharing the port (SO_REUSEPORT)")
+    _add_settings_flags(serve, workers=True)
 
     dev = commands.add_parser("dev", help="run the bridge on an embedded broker and print each record")
     _add_settings_flags(dev)
@@ -104,6 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     tail_cmd.add_argument("--key", help="only records with this key (TaskId)")
     tail_cmd.add_argument("--from-beginning", action="store_true")
     tail_cmd.add_argument("--compact", action="store_true", help="one-line JSON values")
+
+    redrive_cmd = commands.add_parser(
+        "redrive",
+        help="publish the dead letters that now decode to their main topics (the dead-letter topic is left as is)",
+    )
+    _add_settings_flags(redrive_cmd)
+    start = redrive_cmd.add_mutually_exclusive_group()
+    start.add_argument("--from-beginning", action="store_true", help="every partition from its start (the default)")
+    start.add_argument(
+        "--offset",
+        metavar="N|P:N[,P:N]",
+        help="from offset N on every partition, or from N on partition P only (other partitions are not read)",
+    )
+    start.add_argument("--since", metavar="TIME", help="from the first record at or after TIME, e.g. 2026-11-27T10:00Z")
+    redrive_cmd.add_argument("--dry-run", action="store_true", help="decode and report; publish nothing")
+    redrive_cmd.add_argument("--verbose", action="store_true", help="one line per record: where, moved or stayed, why")
+    redrive_cmd.add_argument(
+        "--timeout-s", type=float, default=30.0, help="bound on each Kafka wait: connecting, a fetch, an ack"
+    )
     return parser
 
 
@@ -112,9 +128,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     env = os.environ if environ is None else environ
     if args.command == "schema":
         return _schema(args)
-    overrides = {
-        var: str(getattr(args, flag)) for flag, var in _FLAG_TO_ENV.items() if getattr(args, flag, None) is not None
-    }
+    overrides = {var.name: str(value) for var in _FLAGS if (value := getattr(args, var.name, None)) is not None}
     try:
         settings = load_settings(env, overrides)
     except ConfigError as exc:
@@ -123,10 +137,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "tail":
         return _tail(settings, args)
+    if args.command == "redrive":
+        return _redrive(settings, args)
     if args.command == "send":
         return asyncio.run(_send(settings, args))
     try:
         credentials = Credentials.from_env(env) if settings.poller.enabled else None
+        # Before the app opens the spool: spools this worker count would never open must not be stranded.
+        check_no_stranded(settings.spool.dir, settings.workers)
     except ConfigError as exc:
         print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
@@ -262,6 +280,44 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
             )
         )
     return EXIT_OK
+
+
+def _redrive(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 once every record up to the end offsets was handled (some may stay), 1 when Kafka trouble stopped
+    the run (nothing is lost: re-run), 2 for a configuration error."""
+    try:
+        start: StartAt = FromBeginning()
+        if args.offset is not None:
+            start = parse_offsets(args.offset)
+        elif args.since is not None:
+            start = parse_since(args.since)
+        if not args.timeout_s > 0:
+            raise ValueError("--timeout-s must be positive")
+    except ValueError as exc:
+        print(f"vod-bridge: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    def show(outcome: RecordOutcome) -> None:
+        print(format_outcome(outcome, dry_run=args.dry_run), flush=True)
+
+    try:
+        report = asyncio.run(
+            redrive_dead_letters(
+                settings,
+                start,
+                dry_run=args.dry_run,
+                timeout_s=args.timeout_s,
+                on_record=show if args.verbose else None,
+            )
+        )
+    except ConfigError as exc:
+        print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KafkaUnavailable as exc:
+        print(f"vod-bridge: redrive: {exc.message}; nothing was published", file=sys.stderr)
+        return 1
+    print(format_report(report, verbose=args.verbose), flush=True)
+    return 1 if report.interrupted is not None else EXIT_OK
 
 
 async def _send(settings: Settings, args: argparse.Namespace) -> int:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any, Final, Literal
 
 import msgspec
 
 from bridge.errors import ConfigError
+from bridge.secretfile import read_setting
 
 CompressionType = Literal["none", "gzip"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -23,6 +23,7 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogFormat = Literal["auto", "text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
+InvalidPolicy = Literal["dead-letter", "reject"]
 
 _MASK: Final = "'***'"
 
@@ -85,9 +86,6 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     allowed_cidrs: list[str] = []
     #: Proxies whose X-Forwarded-For is believed when finding the client address.
     trusted_proxies: list[str] = []
-    #: Suppress repeats of (EventType, key, Status) within this window; 0 turns it off.
-    dedup_window_s: float = 0.0
-    dedup_max_entries: int = 100_000
 
     def __repr__(self) -> str:
         return _masked_repr(self, ("sign_key", "token"))
@@ -110,8 +108,6 @@ class PollerSettings(msgspec.Struct, frozen=True, kw_only=True):
     sub_app_id: int | None = None
     #: PullEvents long-polls up to ~5 s server-side; Tencent recommends a 10 s client timeout.
     request_timeout_s: float = 10.0
-    #: Undecodable events go here (raw, error in headers) and are confirmed once this record is acked.
-    dead_letter_topic: str = "vod.events.dlq"
     #: Pause after an empty PullEvents answer that did not long-poll, to stay well inside API rate limits.
     idle_interval_s: float = 1.0
     #: Jittered exponential back-off on API errors and Kafka outages.
@@ -121,6 +117,19 @@ class PollerSettings(msgspec.Struct, frozen=True, kw_only=True):
     confirm_warn_after_s: float = 20.0
     #: Pipelining: pulled batches being published/confirmed while the next PullEvents runs.
     max_batches_in_flight: int = 2
+
+
+class DeliverySettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The delivery path both sources share: dead letters and de-duplication."""
+
+    #: Bodies without a usable key (and spooled records Kafka refuses for good), with the reason in headers.
+    dead_letter_topic: str = "vod.events.dlq"
+    #: A callback body that is a JSON object without a usable key: ``dead-letter`` (200 after the ack) or
+    #: ``reject`` (400, as before the tolerant reader; VOD may never send it again).
+    callback_invalid: InvalidPolicy = "dead-letter"
+    #: Suppress exact repeats (same type, key and value) within this window; 0 turns it off.
+    dedup_window_s: float = 0.0
+    dedup_max_entries: int = 100_000
 
 
 class SpoolSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -136,6 +145,7 @@ class SpoolSettings(msgspec.Struct, frozen=True, kw_only=True):
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     kafka: KafkaSettings = KafkaSettings()
     http: HttpSettings = HttpSettings()
+    delivery: DeliverySettings = DeliverySettings()
     poller: PollerSettings = PollerSettings()
     spool: SpoolSettings = SpoolSettings()
     #: The normal-callback receiver; off runs the poller alone (health and metrics are always served).
@@ -156,72 +166,193 @@ class EnvVar(msgspec.Struct, frozen=True):
     path: str
     help: str
     secret: bool = False
+    #: Also a CLI flag of ``serve``/``dev``/``send``/``tail``: ``--`` + the last part of ``path``.
+    flag: bool = False
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.path.rpartition(".")[2].replace("_", "-")
 
 
+#: Every setting, grouped by the part of the bridge that owns it. The README's configuration table and the CLI
+#: flags are generated from this list (``render_settings_table``, ``bridge.cli``).
 ENV_VARS: Final = (
-    EnvVar("BRIDGE_KAFKA_BOOTSTRAP_SERVERS", "kafka.bootstrap_servers", "Kafka bootstrap servers, host:port,..."),
-    EnvVar("BRIDGE_KAFKA_TOPIC", "kafka.topic", "default topic for all event types"),
+    # Kafka: the producer (bridge.delivery.kafka).
+    EnvVar("BRIDGE_KAFKA_BOOTSTRAP_SERVERS", "kafka.bootstrap_servers", "`host:port[,host:port...]`", flag=True),
+    EnvVar("BRIDGE_KAFKA_TOPIC", "kafka.topic", "default topic", flag=True),
     EnvVar(
         "BRIDGE_KAFKA_TOPIC_ROUTES",
         "kafka.topic_routes",
-        "per-type topics: EventType=topic,EventType=topic",
+        "per-type topics: `NewFileUpload=vod.uploads,FileDeleted=vod.deletes`",
     ),
-    EnvVar("BRIDGE_KAFKA_ENABLE_IDEMPOTENCE", "kafka.enable_idempotence", "idempotent producer (true/false)"),
-    EnvVar("BRIDGE_KAFKA_PUBLISH_TIMEOUT_S", "kafka.publish_timeout_s", "max wait for the broker ack"),
-    EnvVar("BRIDGE_KAFKA_LINGER_MS", "kafka.linger_ms", "producer linger"),
+    EnvVar(
+        "BRIDGE_KAFKA_ENABLE_IDEMPOTENCE",
+        "kafka.enable_idempotence",
+        'idempotent producer; see "Idempotence"',
+        flag=True,
+    ),
+    EnvVar(
+        "BRIDGE_KAFKA_PUBLISH_TIMEOUT_S",
+        "kafka.publish_timeout_s",
+        "longest wait for the broker ack before answering 503",
+    ),
+    EnvVar(
+        "BRIDGE_KAFKA_LINGER_MS",
+        "kafka.linger_ms",
+        "producer linger; 0 still batches what accumulates while a request is in flight",
+    ),
     EnvVar("BRIDGE_KAFKA_MAX_BATCH_BYTES", "kafka.max_batch_bytes", "producer batch size"),
-    EnvVar("BRIDGE_KAFKA_COMPRESSION", "kafka.compression", "none or gzip"),
+    EnvVar("BRIDGE_KAFKA_COMPRESSION", "kafka.compression", "`none` or `gzip`"),
     EnvVar("BRIDGE_KAFKA_CLIENT_ID", "kafka.client_id", "Kafka client id"),
     EnvVar(
         "BRIDGE_KAFKA_SECURITY_PROTOCOL",
         "kafka.security_protocol",
-        "PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
+        "`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT`, `SASL_SSL`",
     ),
-    EnvVar("BRIDGE_KAFKA_SASL_MECHANISM", "kafka.sasl_mechanism", "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+    EnvVar("BRIDGE_KAFKA_SASL_MECHANISM", "kafka.sasl_mechanism", "`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`"),
     EnvVar("BRIDGE_KAFKA_SASL_USERNAME", "kafka.sasl_username", "SASL user"),
-    EnvVar("BRIDGE_KAFKA_SASL_PASSWORD", "kafka.sasl_password", "SASL password (or _FILE)", secret=True),
-    EnvVar("BRIDGE_KAFKA_SSL_CAFILE", "kafka.ssl_cafile", "CA bundle for SSL/SASL_SSL"),
-    EnvVar("BRIDGE_KAFKA_MAX_IN_FLIGHT", "kafka.max_in_flight", "publishes awaiting an ack at once"),
-    EnvVar("BRIDGE_HTTP_HOST", "http.host", "listen address"),
-    EnvVar("BRIDGE_HTTP_PORT", "http.port", "listen port"),
-    EnvVar("BRIDGE_CALLBACK_PATH", "http.callback_path", "path VOD posts events to"),
-    EnvVar("BRIDGE_HTTP_MAX_BODY_BYTES", "http.max_body_bytes", "larger callbacks get 413"),
-    EnvVar("BRIDGE_SHUTDOWN_TIMEOUT_S", "http.shutdown_timeout_s", "drain time after SIGTERM"),
-    EnvVar("BRIDGE_HTTP_BODY_TIMEOUT_S", "http.body_timeout_s", "time to send the body after the headers"),
-    EnvVar("BRIDGE_HTTP_IDLE_TIMEOUT_S", "http.idle_timeout_s", "idle / slow-header connection timeout"),
-    EnvVar("BRIDGE_CALLBACK_SIGN_KEY", "http.sign_key", "VOD SignKey; requires valid Sign/T", secret=True),
-    EnvVar("BRIDGE_CALLBACK_SIGN_SKEW_S", "http.sign_skew_s", "accepted lateness past T"),
-    EnvVar("BRIDGE_CALLBACK_TOKEN", "http.token", "secret token in the callback URL", secret=True),
-    EnvVar("BRIDGE_CALLBACK_ALLOWED_CIDRS", "http.allowed_cidrs", "allowed source CIDRs, comma-separated"),
-    EnvVar("BRIDGE_TRUSTED_PROXIES", "http.trusted_proxies", "proxy CIDRs whose X-Forwarded-For is used"),
-    EnvVar("BRIDGE_DEDUP_WINDOW_S", "http.dedup_window_s", "suppress repeats within this window (0: off)"),
-    EnvVar("BRIDGE_DEDUP_MAX_ENTRIES", "http.dedup_max_entries", "bound on remembered events"),
+    EnvVar("BRIDGE_KAFKA_SASL_PASSWORD", "kafka.sasl_password", "SASL password (a mounted Secret)", secret=True),
+    EnvVar("BRIDGE_KAFKA_SSL_CAFILE", "kafka.ssl_cafile", "CA bundle for `SSL`/`SASL_SSL` (default: system CAs)"),
+    EnvVar(
+        "BRIDGE_KAFKA_MAX_IN_FLIGHT",
+        "kafka.max_in_flight",
+        "publishes awaiting an ack at once; beyond it 503 + `Retry-After: 1`",
+    ),
+    # HTTP: the callback source (bridge.sources.callback) and the server.
+    EnvVar("BRIDGE_HTTP_HOST", "http.host", "listen address", flag=True),
+    EnvVar("BRIDGE_HTTP_PORT", "http.port", "listen port", flag=True),
+    EnvVar("BRIDGE_CALLBACK_PATH", "http.callback_path", "the path VOD posts to", flag=True),
+    EnvVar("BRIDGE_HTTP_MAX_BODY_BYTES", "http.max_body_bytes", "larger bodies get 413"),
+    EnvVar("BRIDGE_SHUTDOWN_TIMEOUT_S", "http.shutdown_timeout_s", "drain time for in-flight callbacks after SIGTERM"),
+    EnvVar(
+        "BRIDGE_HTTP_BODY_TIMEOUT_S",
+        "http.body_timeout_s",
+        "time a client has to send its body once its headers arrived; then 408 and close",
+    ),
+    EnvVar(
+        "BRIDGE_HTTP_IDLE_TIMEOUT_S",
+        "http.idle_timeout_s",
+        "idle keep-alive connections, and clients still sending headers, are closed after this",
+    ),
+    EnvVar(
+        "BRIDGE_HTTP_REUSE_PORT",
+        "http.reuse_port",
+        "bind with `SO_REUSEPORT` (set for each worker by `--workers`)",
+    ),
+    EnvVar(
+        "BRIDGE_CALLBACK_SIGN_KEY",
+        "http.sign_key",
+        "VOD's `SignKey`: every callback must then carry a valid `Sign`/`T`",
+        secret=True,
+    ),
+    EnvVar("BRIDGE_CALLBACK_SIGN_SKEW_S", "http.sign_skew_s", "how long after its expiry `T` a callback is accepted"),
+    EnvVar(
+        "BRIDGE_CALLBACK_TOKEN",
+        "http.token",
+        "secret required as `?token=...` or `/vod/callback/<token>` (at least 16 characters)",
+        secret=True,
+    ),
+    EnvVar(
+        "BRIDGE_CALLBACK_ALLOWED_CIDRS",
+        "http.allowed_cidrs",
+        "source addresses allowed to post, e.g. `203.0.113.0/24,2001:db8::/32` (default: all)",
+    ),
+    EnvVar("BRIDGE_TRUSTED_PROXIES", "http.trusted_proxies", "proxies (CIDRs) whose `X-Forwarded-For` is believed"),
+    # Delivery: the path both sources share (bridge.delivery).
+    EnvVar(
+        "BRIDGE_KAFKA_DEAD_LETTER_TOPIC",
+        "delivery.dead_letter_topic",
+        "bodies without a usable key, and spooled records Kafka refuses for good, with `error-reason` headers",
+    ),
+    EnvVar(
+        "BRIDGE_CALLBACK_INVALID",
+        "delivery.callback_invalid",
+        "a callback that is a JSON object without a usable key: `dead-letter` (200 after the ack) or `reject` (400)",
+    ),
+    EnvVar(
+        "BRIDGE_DEDUP_WINDOW_S",
+        "delivery.dedup_window_s",
+        "suppress exact repeats (same type, key and value) within this window; 0 is off",
+    ),
+    EnvVar("BRIDGE_DEDUP_MAX_ENTRIES", "delivery.dedup_max_entries", "bound on remembered events (oldest first)"),
     EnvVar("BRIDGE_SPOOL_DIR", "spool.dir", "directory of the durable callback spool (unset: no spool)"),
-    EnvVar("BRIDGE_SPOOL_MAX_BYTES", "spool.max_bytes", "spool size bound; beyond it callbacks get 503"),
-    EnvVar("BRIDGE_SPOOL_PUBLISH_BUDGET_S", "spool.publish_budget_s", "wait for Kafka before spooling"),
-    EnvVar("BRIDGE_CALLBACK_ENABLED", "callback_enabled", "serve the callback endpoint (true/false)"),
-    EnvVar("BRIDGE_PULL_ENABLED", "poller.enabled", "run the PullEvents poller (true/false)"),
-    EnvVar("BRIDGE_VOD_ENDPOINT", "poller.endpoint", "VOD API endpoint"),
-    EnvVar("BRIDGE_VOD_REGION", "poller.region", "X-TC-Region, if any"),
-    EnvVar("BRIDGE_VOD_SUB_APP_ID", "poller.sub_app_id", "VOD SubAppId, if any"),
-    EnvVar("BRIDGE_VOD_REQUEST_TIMEOUT_S", "poller.request_timeout_s", "VOD API request timeout"),
-    EnvVar("BRIDGE_KAFKA_DEAD_LETTER_TOPIC", "poller.dead_letter_topic", "topic for undecodable events"),
-    EnvVar("BRIDGE_PULL_IDLE_INTERVAL_S", "poller.idle_interval_s", "pause after an empty pull"),
-    EnvVar("BRIDGE_PULL_BACKOFF_INITIAL_S", "poller.backoff_initial_s", "first back-off delay"),
-    EnvVar("BRIDGE_PULL_BACKOFF_MAX_S", "poller.backoff_max_s", "longest back-off delay"),
-    EnvVar("BRIDGE_PULL_CONFIRM_WARN_AFTER_S", "poller.confirm_warn_after_s", "warn on confirms this late"),
-    EnvVar("BRIDGE_PULL_MAX_BATCHES_IN_FLIGHT", "poller.max_batches_in_flight", "pipelined batches"),
-    EnvVar("BRIDGE_WORKERS", "workers", "worker processes sharing the port"),
-    EnvVar("BRIDGE_EVENT_LOOP", "event_loop", "auto, asyncio or uvloop"),
-    EnvVar("BRIDGE_OTEL_ENABLED", "otel_enabled", "OpenTelemetry spans and traceparent headers"),
-    EnvVar("BRIDGE_HTTP_REUSE_PORT", "http.reuse_port", "bind with SO_REUSEPORT"),
-    EnvVar("BRIDGE_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING, ERROR"),
-    EnvVar("BRIDGE_LOG_FORMAT", "log_format", "auto (text on a terminal), text or json"),
+    EnvVar(
+        "BRIDGE_SPOOL_MAX_BYTES",
+        "spool.max_bytes",
+        "spool size bound; when full (and Kafka unavailable) callbacks get 503",
+    ),
+    EnvVar(
+        "BRIDGE_SPOOL_PUBLISH_BUDGET_S",
+        "spool.publish_budget_s",
+        "how long a callback waits for Kafka before it is spooled instead",
+    ),
+    # Poller: the reliable-callback source (bridge.sources.poller) and the VOD API client.
+    EnvVar(
+        "BRIDGE_CALLBACK_ENABLED", "callback_enabled", "serve `POST <callback path>`; `false` runs the poller alone"
+    ),
+    EnvVar("BRIDGE_PULL_ENABLED", "poller.enabled", "run the PullEvents poller (reliable callback)"),
+    EnvVar(
+        "BRIDGE_VOD_ENDPOINT", "poller.endpoint", "VOD API endpoint (tests and private deployments point elsewhere)"
+    ),
+    EnvVar("BRIDGE_VOD_REGION", "poller.region", "sent as `X-TC-Region`"),
+    EnvVar(
+        "BRIDGE_VOD_SUB_APP_ID",
+        "poller.sub_app_id",
+        "VOD application (`SubAppId`); required for accounts opened since 2023-12-25 outside the default app",
+    ),
+    EnvVar("BRIDGE_VOD_REQUEST_TIMEOUT_S", "poller.request_timeout_s", "per API call; PullEvents long-polls ~5 s"),
+    EnvVar(
+        "BRIDGE_PULL_IDLE_INTERVAL_S",
+        "poller.idle_interval_s",
+        "pause after an empty PullEvents answer that came back at once",
+    ),
+    EnvVar(
+        "BRIDGE_PULL_BACKOFF_INITIAL_S",
+        "poller.backoff_initial_s",
+        "first back-off after an API error or a Kafka outage (doubles, ±20 % jitter)",
+    ),
+    EnvVar("BRIDGE_PULL_BACKOFF_MAX_S", "poller.backoff_max_s", "back-off ceiling"),
+    EnvVar(
+        "BRIDGE_PULL_CONFIRM_WARN_AFTER_S",
+        "poller.confirm_warn_after_s",
+        "log a warning when a confirm comes this long after its pull",
+    ),
+    EnvVar(
+        "BRIDGE_PULL_MAX_BATCHES_IN_FLIGHT",
+        "poller.max_batches_in_flight",
+        "pipelining: batches being published and confirmed while the next PullEvents runs",
+    ),
+    # The process.
+    EnvVar(
+        "BRIDGE_WORKERS",
+        "workers",
+        "processes sharing the port (`SO_REUSEPORT`), each with its own producer",
+        flag=True,
+    ),
+    EnvVar("BRIDGE_EVENT_LOOP", "event_loop", "`auto` (uvloop when installed, the `fast` extra), `asyncio`, `uvloop`"),
+    EnvVar(
+        "BRIDGE_OTEL_ENABLED",
+        "otel_enabled",
+        "OpenTelemetry span per event and `traceparent` in Kafka headers (the `otel` extra)",
+    ),
+    EnvVar("BRIDGE_LOG_LEVEL", "log_level", "`DEBUG`, `INFO`, `WARNING`, `ERROR`", flag=True),
+    EnvVar(
+        "BRIDGE_LOG_FORMAT",
+        "log_format",
+        "`auto` (text on a terminal, JSON lines otherwise), `text`, `json`",
+        flag=True,
+    ),
 )
 _BY_PATH: Final = {var.path: var for var in ENV_VARS}
 _LIST_PATHS: Final = frozenset({"http.allowed_cidrs", "http.trusted_proxies"})
 _ROUTE_RE: Final = re.compile(r"^[A-Za-z0-9]+=[A-Za-z0-9._-]{1,249}$")
 _TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def _show(default: object) -> str:
+    if isinstance(default, bool):
+        return str(default).lower()
+    return f"{default:g}" if isinstance(default, float) else str(default)
 
 
 def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Settings:
@@ -231,7 +362,7 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str] | Non
     merged.update(overrides or {})
     tree: dict[str, Any] = {}
     for var in ENV_VARS:
-        raw = _read(merged, var)
+        raw = read_setting(merged, var.name, from_file=var.secret)
         if raw is None:
             continue
         value: object = raw
@@ -249,14 +380,27 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str] | Non
     return settings
 
 
-def _read(environ: Mapping[str, str], var: EnvVar) -> str | None:
-    if var.secret and (path := environ.get(var.name + "_FILE")):
-        try:
-            return Path(path).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{var.name}_FILE: cannot read {path}: {exc.strerror}") from None
-    value = environ.get(var.name)
-    return value if value not in (None, "") else None
+def render_settings_table() -> str:
+    """The README's configuration table: every variable, its default and its meaning, from ``ENV_VARS``."""
+    defaults = msgspec.to_builtins(Settings())
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for var in ENV_VARS:
+        section, _, field = var.path.rpartition(".")
+        default = (defaults.get(section, {}) if section else defaults).get(field)
+        if default in (None, [], {}):
+            shown = "(none)"
+        else:
+            text = (
+                str(default).lower()
+                if isinstance(default, bool)
+                else f"{default:g}"
+                if isinstance(default, float)
+                else str(default)
+            )
+            shown = f"`{text}`"
+        meaning = var.help + (f" (or `{var.name}_FILE`)" if var.secret else "")
+        rows.append(f"| `{var.name}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"
 
 
 def _parse_routes(raw: str) -> dict[str, str]:
@@ -321,7 +465,7 @@ def _validate(settings: Settings) -> None:
         ),
         (poller.request_timeout_s > 0, "BRIDGE_VOD_REQUEST_TIMEOUT_S: must be > 0"),
         (
-            bool(_TOPIC_RE.match(poller.dead_letter_topic)),
+            bool(_TOPIC_RE.match(settings.delivery.dead_letter_topic)),
             "BRIDGE_KAFKA_DEAD_LETTER_TOPIC: not a valid topic",
         ),
         (poller.idle_interval_s >= 0, "BRIDGE_PULL_IDLE_INTERVAL_S: must be >= 0"),
@@ -345,8 +489,8 @@ def _validate(settings: Settings) -> None:
             http.token is None or (len(http.token) >= 16 and "/" not in http.token),
             "BRIDGE_CALLBACK_TOKEN: use at least 16 characters, without '/'",
         ),
-        (http.dedup_window_s >= 0, "BRIDGE_DEDUP_WINDOW_S: must be >= 0"),
-        (http.dedup_max_entries >= 1, "BRIDGE_DEDUP_MAX_ENTRIES: must be >= 1"),
+        (settings.delivery.dedup_window_s >= 0, "BRIDGE_DEDUP_WINDOW_S: must be >= 0"),
+        (settings.delivery.dedup_max_entries >= 1, "BRIDGE_DEDUP_MAX_ENTRIES: must be >= 1"),
     ]
     checks += [
         (settings.spool.max_bytes >= 1024 * 1024, "BRIDGE_SPOOL_MAX_BYTES: must be >= 1 MiB"),

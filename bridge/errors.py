@@ -87,10 +87,14 @@ class PublishFailed(BridgeError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "kafka_unavailable"
 
-    def __init__(self, message: str, *, retriable: bool = True, retry_after_s: int = 5) -> None:
+    def __init__(
+        self, message: str, *, retriable: bool = True, retry_after_s: int = 5, cause: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retriable = retriable
         self.retry_after_s = retry_after_s
+        #: A bounded label for metrics: ``timeout``, the Kafka error class, ``spool``, ... (default: ``code``).
+        self.cause = cause or self.code
 
 
 class RecordTooLarge(PublishFailed):

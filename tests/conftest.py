@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import uuid
@@ -18,9 +19,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer
 
-from bridge.app import create_app, runner_options
-from bridge.config import HttpSettings, KafkaSettings, Settings
-from bridge.keys import SINK_KEY
+from bridge.app import COMPONENTS, create_app, runner_options
+from bridge.config import DeliverySettings, HttpSettings, KafkaSettings, Settings
 from bridge.ops.embedded import EmbeddedBroker
 
 SAMPLES = Path(__file__).resolve().parent.parent / "bridge" / "samples"
@@ -57,6 +57,19 @@ def _docker_answers(timeout_s: float = 2.0) -> bool:
         return False
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``bridge.cli.main`` configures the root logger for its process; in-process CLI tests must not leave that
+    handler (bound to a captured, later closed, stderr) or its level behind for the tests after them."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    kafka_level = logging.getLogger("aiokafka").level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("aiokafka").setLevel(kafka_level)
+
+
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[Kafka]:
     if servers := os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
@@ -78,12 +91,13 @@ def topic() -> str:
 
 @pytest.fixture
 def make_settings(kafka: Kafka, topic: str) -> Callable[..., Settings]:
-    """Settings for a test: its own topic, short timeouts; keyword args override KafkaSettings/HttpSettings
-    fields (``http_<name>`` for the latter)."""
+    """Settings for a test: its own topic (dead letters to ``<topic>.dlq``), short timeouts; keyword args
+    override KafkaSettings fields, ``http_<name>`` HttpSettings and ``delivery_<name>`` DeliverySettings."""
 
     def make(**overrides: Any) -> Settings:
         http = {k.removeprefix("http_"): v for k, v in overrides.items() if k.startswith("http_")}
-        kafka_fields = {k: v for k, v in overrides.items() if not k.startswith("http_")}
+        delivery = {k.removeprefix("delivery_"): v for k, v in overrides.items() if k.startswith("delivery_")}
+        kafka_fields = {k: v for k, v in overrides.items() if not k.startswith(("http_", "delivery_"))}
         kafka_settings = KafkaSettings(
             **{
                 "bootstrap_servers": kafka.bootstrap_servers,
@@ -94,7 +108,8 @@ def make_settings(kafka: Kafka, topic: str) -> Callable[..., Settings]:
                 **kafka_fields,
             }
         )
-        return Settings(kafka=kafka_settings, http=HttpSettings(**http))
+        delivery_settings = DeliverySettings(**{"dead_letter_topic": f"{topic}.dlq", **delivery})
+        return Settings(kafka=kafka_settings, http=HttpSettings(**http), delivery=delivery_settings)
 
     return make
 
@@ -115,7 +130,7 @@ async def make_client() -> AsyncIterator[Callable[..., Awaitable[BridgeClient]]]
         await client.start_server()
         clients.append(client)
         if wait_ready:
-            await wait_until(lambda: client.server.app[SINK_KEY].ready, timeout_s=15)
+            await wait_until(lambda: client.server.app[COMPONENTS].sink.ready, timeout_s=15)
         return client
 
     yield make

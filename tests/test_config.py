@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.config import ENV_VARS, load_settings
+from bridge.config import ENV_VARS, load_settings, render_settings_table
 from bridge.errors import ConfigError
 
 
@@ -76,12 +76,22 @@ def test_every_setting_has_one_env_var() -> None:
     assert all(name.startswith("BRIDGE_") for name in names)
 
 
-def test_readme_documents_every_variable() -> None:
+def test_readme_table_is_the_settings_list() -> None:
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    missing = [var.name for var in ENV_VARS if f"`{var.name}`" not in readme]
-    assert not missing
+    table = render_settings_table()
+    assert table in readme, "README's settings table is stale; paste bridge.config.render_settings_table():\n" + table
+
+
+def test_cli_flags_are_the_flagged_settings() -> None:
+    from bridge.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    flags = {option for action in serve._actions for option in action.option_strings if option.startswith("--")}
+    expected = {var.flag_name for var in ENV_VARS if var.flag}
+    assert expected <= flags
+    assert {"--workers", "--bootstrap-servers", "--enable-idempotence"} <= expected
 
 
 def test_callback_secrets_are_masked() -> None:

@@ -1,9 +1,11 @@
-"""The spool path of the receiver: store callbacks durably when Kafka cannot take them, forward them later.
+"""The spool path of the delivery: store records durably when Kafka cannot take them, forward them later.
 
 With ``BRIDGE_SPOOL_DIR`` set, a callback that Kafka does not acknowledge within the publish budget (or any
 callback while older ones still wait in the spool, to keep their order) is appended to the fsync'ed spool
 and answered 200. :meth:`SpoolForwarder.run` drains the spool to Kafka in sequence order, now and after a
-restart, and commits (forgets) only what Kafka acknowledged.
+restart, and commits (forgets) only what Kafka acknowledged. A record Kafka refuses for good (too large, an
+invalid or unauthorized topic) goes to the dead-letter topic; one that the dead-letter topic refuses too is
+copied to ``<spool>/refused/`` and logged: the queue behind it never wedges and nothing vanishes.
 """
 
 from __future__ import annotations
@@ -11,26 +13,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-from datetime import datetime
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final
 
 import msgspec
 
-from bridge.delivery.kafka import Sink, Source
+from bridge.backoff import Backoff
+from bridge.delivery.records import (
+    ERROR_REASON,
+    Headers,
+    Source,
+    dead_letter_headers,
+    event_headers,
+    header,
+    undecodable_headers,
+)
+from bridge.delivery.sink import Sink
 from bridge.delivery.spool import AsyncSpool, SpoolError
 from bridge.errors import PublishFailed
 from bridge.ops.metrics import Metrics
-from bridge.vod.model import VodEvent
+from bridge.vod.model import Undecodable, VodEvent
 
 logger = logging.getLogger(__name__)
 
-#: Records read and published per forwarding round.
+#: Records, and payload bytes, read and published per forwarding round.
 FORWARD_BATCH: Final = 256
+FORWARD_BATCH_BYTES: Final = 8 * 1024 * 1024
 
 
 class SpooledEvent(msgspec.Struct, array_like=True, frozen=True):
-    """One event as stored in the spool (version 1): everything needed to rebuild its Kafka record."""
+    """One record as stored in the spool: everything needed to rebuild it.
+
+    Fields after ``event_handle`` were added later with defaults, so records written by earlier versions
+    still decode (they are rebuilt as event records with the headers of the record contract).
+    """
 
     version: int
     event_type: str
@@ -39,58 +58,82 @@ class SpooledEvent(msgspec.Struct, array_like=True, frozen=True):
     source: str
     received_at: datetime
     event_handle: str | None = None
+    #: The record's headers as built at receipt (trace context and format included).
+    headers: list[tuple[str, bytes]] | None = None
+    #: A body without a usable key: it goes to the dead-letter topic, keyed by its event handle if any.
+    dead_letter: bool = False
 
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(SpooledEvent)
 
 
-def encode_spooled(event: VodEvent, *, source: Source, received_at: datetime) -> bytes:
-    return _encoder.encode(
-        SpooledEvent(1, event.event_type, event.key, event.value, source, received_at, event.event_handle)
-    )
-
-
-def decode_spooled(payload: bytes) -> tuple[VodEvent, Source, datetime]:
-    stored = _decoder.decode(payload)
-    source: Source = "pull" if stored.source == "pull" else "callback"
-    event = VodEvent(
-        event_type=stored.event_type,
-        key=stored.key,
-        value=stored.value,
-        payload=None,
-        event_handle=stored.event_handle,
-    )
-    return event, source, stored.received_at
+def _source(stored: SpooledEvent) -> Source:
+    return "pull" if stored.source == "pull" else "callback"
 
 
 class SpoolForwarder:
-    """Owns the spool: :meth:`store` returns once an event is on disk; :meth:`run` forwards it to Kafka."""
+    """Owns the spool: :meth:`store` returns once a record is on disk; :meth:`run` forwards it to Kafka."""
 
-    def __init__(self, spool: AsyncSpool, sink: Sink, metrics: Metrics, *, dead_letter_topic: str) -> None:
+    def __init__(
+        self,
+        spool: AsyncSpool,
+        sink: Sink,
+        metrics: Metrics,
+        *,
+        topic_for: Callable[[str], str],
+        dead_letter_topic: str,
+    ) -> None:
         self._spool = spool
         self._sink = sink
         self._metrics = metrics
+        self._topic_for = topic_for
         self._dead_letter_topic = dead_letter_topic
         self._stopping = asyncio.Event()
+        #: Records acked after an earlier record of their batch failed: not re-sent when the batch is retried.
+        self._acked_ahead: set[int] = set()
         self.forwarded = 0
         self._metrics.spool_depth.set(spool.depth)
 
     @property
     def depth(self) -> int:
-        """Events stored but not yet acknowledged by Kafka."""
+        """Records stored but not yet acknowledged by Kafka."""
         return self._spool.depth
 
     async def store(self, event: VodEvent, *, source: Source, received_at: datetime) -> int:
-        """Append the event durably (fsync'ed) and return its sequence number.
+        """Append an event durably (fsync'ed) and return its sequence number.
 
         Raises :class:`PublishFailed` (503) when the spool is full or unusable.
         """
+        headers = event_headers(event, source=source, received_at=received_at)
+        stored = SpooledEvent(
+            1, event.event_type, event.key, event.value, source, received_at, event.event_handle, headers
+        )
+        return await self._append(stored, source)
+
+    async def store_dead_letter(self, item: Undecodable, *, source: Source, received_at: datetime, topic: str) -> int:
+        """Append a body without a usable key, for the dead-letter topic; like :meth:`store`."""
+        headers = undecodable_headers(item, source=source, received_at=received_at)
+        stored = SpooledEvent(
+            1,
+            item.event_type or "",
+            item.event_handle or "",
+            item.value,
+            source,
+            received_at,
+            item.event_handle,
+            headers,
+            dead_letter=True,
+        )
+        return await self._append(stored, source)
+
+    async def _append(self, stored: SpooledEvent, source: Source) -> int:
         try:
-            seq = await self._spool.append(encode_spooled(event, source=source, received_at=received_at))
+            seq = await self._spool.append(_encoder.encode(stored))
         except SpoolError as exc:
-            self._metrics.publish_failed.labels(source, "spool").inc()
-            raise PublishFailed(f"kafka unavailable and the spool refused the event: {exc.message}") from exc
+            raise PublishFailed(
+                f"kafka unavailable and the spool refused the event: {exc.message}", cause="spool"
+            ) from exc
         self._metrics.spooled.labels(source).inc()
         self._metrics.spool_depth.set(self._spool.depth)
         return seq
@@ -99,72 +142,117 @@ class SpoolForwarder:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Forward stored events in order until :meth:`stop`; finishes the batch in progress."""
+        """Forward stored records in order until :meth:`stop`; finishes the batch in progress."""
         position = self._spool.committed_seq
         if self._spool.depth:
             logger.info("spool holds %d events from before; forwarding them to kafka", self._spool.depth)
-        delay_s = 0.2
+        backoff = Backoff(0.2, 10.0)
         while not self._stopping.is_set():
             if not await self._spool.wait_for_data(position, timeout_s=0.5):
                 continue
             if not self._sink.ready:
                 await self._pause(0.2)
                 continue
-            batch = await self._spool.read(position, FORWARD_BATCH)
-            acked_through = await self._forward(batch)
+            batch = await self._spool.read(position, FORWARD_BATCH, max_bytes=FORWARD_BATCH_BYTES)
+            acked_through = await self._forward(batch, position)
             if acked_through > position:
                 await self._spool.commit(acked_through)
                 self.forwarded += acked_through - position
+                self._acked_ahead = {seq for seq in self._acked_ahead if seq > acked_through}
                 position = acked_through
                 self._metrics.spool_depth.set(self._spool.depth)
             if batch and acked_through < batch[-1][0]:
+                delay_s = backoff.next_delay_s()
                 logger.warning("kafka refused spooled events; %d still spooled, retrying in %.1fs", self.depth, delay_s)
-                await self._pause(delay_s * random.uniform(0.8, 1.2))
-                delay_s = min(delay_s * 2, 10.0)
+                await self._pause(delay_s)
             else:
-                delay_s = 0.2
+                backoff.reset()
         logger.info("spool forwarder stopped; %d events left in the spool for the next start", self.depth)
 
-    async def _forward(self, batch: list[tuple[int, bytes]]) -> int:
+    async def _forward(self, batch: list[tuple[int, bytes]], position: int) -> int:
         """Publish a batch concurrently; return the highest seq up to which *every* record was acked."""
-        if not batch:
-            return self._spool.committed_seq
-        results = await asyncio.gather(*(self._publish(payload) for _, payload in batch))
-        acked_through = batch[0][0] - 1
-        for (seq, _), ok in zip(batch, results, strict=True):
-            if not ok:
+        pending = [(seq, payload) for seq, payload in batch if seq not in self._acked_ahead]
+        results = await asyncio.gather(*(self._publish(seq, payload) for seq, payload in pending))
+        self._acked_ahead.update(seq for (seq, _), ok in zip(pending, results, strict=True) if ok)
+        acked_through = position
+        for seq, _ in batch:
+            if seq not in self._acked_ahead:
                 break
             acked_through = seq
         return acked_through
 
-    async def _publish(self, payload: bytes) -> bool:
+    async def _publish(self, seq: int, payload: bytes) -> bool:
         try:
-            event, source, received_at = decode_spooled(payload)
+            stored = _decoder.decode(payload)
         except msgspec.DecodeError as exc:
-            return await self._dead_letter(payload, str(exc))
+            # CRC-checked, so this is a format the running version cannot read: keep it, visibly, in the DLQ.
+            logger.error("spooled record %d unreadable (%s); sending it to %s", seq, exc, self._dead_letter_topic)
+            return await self._dead_letter(seq, payload, None, reason="spool_format", error=str(exc))
+        source = _source(stored)
+        topic = self._dead_letter_topic if stored.dead_letter else self._topic_for(stored.event_type)
+        key = stored.key.encode() if stored.key else None
         try:
-            await self._sink.publish(event, source=source, received_at=received_at)
-        except PublishFailed:
-            return False
+            await self._sink.send(topic, key, stored.value, self._headers(stored))
+        except PublishFailed as exc:
+            self._metrics.publish_failed.labels(source, exc.cause).inc()
+            if exc.retriable:
+                return False
+            # Kafka will never take this record: retrying it would wedge everything queued behind it.
+            logger.error("kafka refuses spooled record %d for good (%s); dead-lettering it", seq, exc.message)
+            return await self._dead_letter(seq, stored.value, stored, reason="kafka_refused", error=exc.message)
         self._metrics.published_from_spool.inc()
+        if stored.dead_letter:
+            self._metrics.dead_lettered.labels(source, header(stored.headers, ERROR_REASON) or "-").inc()
+        else:
+            self._metrics.count_published(source, stored.event_type)
         return True
 
-    async def _dead_letter(self, payload: bytes, error: str) -> bool:
-        # CRC-checked, so this is a format the running version cannot read: keep it, visibly, in the DLQ.
-        logger.error("spooled record unreadable (%s); sending it to %s", error, self._dead_letter_topic)
+    def _headers(self, stored: SpooledEvent) -> Headers:
+        if stored.headers is not None:
+            return list(stored.headers)
+        # Written before headers were stored: rebuild them as the record contract has them.
+        event = VodEvent(
+            event_type=stored.event_type,
+            key=stored.key,
+            value=stored.value,
+            payload=None,
+            event_handle=stored.event_handle,
+        )
+        return event_headers(event, source=_source(stored), received_at=stored.received_at)
+
+    async def _dead_letter(
+        self, seq: int, value: bytes, stored: SpooledEvent | None, *, reason: str, error: str
+    ) -> bool:
+        source: Source = "callback" if stored is None else _source(stored)
+        headers = dead_letter_headers(
+            source=source,
+            received_at=datetime.now(UTC) if stored is None else stored.received_at,
+            reason=reason,
+            error=error,
+            event_type=None if stored is None else stored.event_type or None,
+            event_handle=None if stored is None else stored.event_handle,
+        )
         try:
-            await self._sink.publish_dead_letter(
-                payload,
-                topic=self._dead_letter_topic,
-                reason="spool_format",
-                error=error,
-                event_handle=None,
-                received_at=datetime.now().astimezone(),
-                source="callback",
-            )
-        except PublishFailed:
-            return False
+            await self._sink.send(self._dead_letter_topic, None, value, headers)
+        except PublishFailed as exc:
+            if exc.retriable:
+                return False
+            await asyncio.to_thread(self._set_aside, seq, value, error=f"{error}; dead-letter topic: {exc.message}")
+            return True
+        self._metrics.dead_lettered.labels(source, reason).inc()
         return True
+
+    def _set_aside(self, seq: int, value: bytes, *, error: str) -> None:
+        """Last resort for a record neither its topic nor the dead-letter topic will take: keep it on disk."""
+        directory = Path(self._spool.spool.directory) / "refused"
+        directory.mkdir(exist_ok=True)
+        path = directory / f"{seq:020d}.record"
+        with path.open("wb") as out:
+            out.write(value)
+            out.flush()
+            os.fsync(out.fileno())
+        self._metrics.spool_set_aside.inc()
+        logger.error("spooled record %d refused by kafka and the dead-letter topic (%s); kept in %s", seq, error, path)
 
     async def _pause(self, delay_s: float) -> None:
         with contextlib.suppress(TimeoutError):

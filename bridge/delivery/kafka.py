@@ -1,72 +1,44 @@
-"""The Kafka sink: one long-lived aiokafka producer; ``publish`` returns only after the broker ack."""
+"""The aiokafka sink: one long-lived producer; ``send`` returns only after the broker ack (acks=all)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Any, Final, Literal, Protocol
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 
+from bridge.backoff import Backoff
 from bridge.config import KafkaSettings
 from bridge.delivery.partitioner import partition_for
+from bridge.delivery.records import Headers
+from bridge.delivery.sink import Ack
 from bridge.errors import ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
 from bridge.ops.metrics import Metrics
-from bridge.timefmt import rfc3339_utc
-from bridge.vod.model import VodEvent
 
 logger = logging.getLogger(__name__)
 
-Source = Literal["callback", "pull"]
 
-CONTENT_TYPE_JSON: Final = b"application/json"
+def connection_options(settings: KafkaSettings) -> dict[str, Any]:
+    """The aiokafka options that reach the cluster (bootstrap, SASL, TLS), shared by every client we create."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.sasl_mechanism is not None:
+        options |= {
+            "sasl_mechanism": settings.sasl_mechanism,
+            "sasl_plain_username": settings.sasl_username,
+            "sasl_plain_password": settings.sasl_password,
+        }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
 
-
-class Ack(Protocol):
-    """What the broker acknowledged (aiokafka's ``RecordMetadata`` satisfies this)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-
-
-class Sink(Protocol):
-    """Where events go. ``publish`` returns only after the record is durably acknowledged."""
-
-    @property
-    def ready(self) -> bool: ...
-
-    async def publish(
-        self,
-        event: VodEvent,
-        *,
-        source: Source,
-        received_at: datetime,
-        topic: str | None = None,
-        timeout_s: float | None = None,
-        extra_headers: Sequence[tuple[str, bytes]] = (),
-    ) -> Ack: ...
-
-    async def publish_dead_letter(
-        self,
-        raw: bytes,
-        *,
-        topic: str,
-        reason: str,
-        error: str,
-        event_handle: str | None,
-        received_at: datetime,
-        source: Source = "pull",
-    ) -> Ack: ...
+        options["ssl_context"] = create_ssl_context(cafile=settings.ssl_cafile)
+    return options
 
 
 class IdempotenceUnsupported(ConfigError):
@@ -80,26 +52,10 @@ def _sender_died(producer: AIOKafkaProducer) -> bool:
     return task is not None and task.done()
 
 
-def record_headers(
-    event: VodEvent, *, source: Source, received_at: datetime, extra: Sequence[tuple[str, bytes]] = ()
-) -> list[tuple[str, bytes]]:
-    """The Kafka headers of the record contract (see README "Record contract")."""
-    headers = [
-        ("event-type", event.event_type.encode()),
-        ("source", source.encode()),
-        ("received-at", rfc3339_utc(received_at).encode()),
-        ("content-type", CONTENT_TYPE_JSON),
-    ]
-    if event.event_handle is not None:
-        headers.append(("event-handle", event.event_handle.encode()))
-    headers.extend(extra)
-    return headers
-
-
 class KafkaSink:
-    """Publishes :class:`VodEvent` records with acks=all.
+    """The default :class:`bridge.delivery.sink.Sink`: aiokafka, acks=all, idempotent unless configured off.
 
-    :meth:`connect` retries until the broker answers (``ready`` turns true); :meth:`publish` fails fast with
+    :meth:`connect` retries until the broker answers (``ready`` turns true); :meth:`send` fails fast with
     :class:`NotReady` before that, with :class:`Overloaded` when ``max_in_flight`` publishes already wait,
     and with :class:`PublishFailed` when no ack arrives within ``publish_timeout_s``.
     """
@@ -124,7 +80,6 @@ class KafkaSink:
     def _make_producer(self) -> AIOKafkaProducer:
         s = self._settings
         kwargs: dict[str, Any] = {
-            "bootstrap_servers": s.bootstrap_servers,
             "client_id": s.client_id,
             "acks": "all",
             "enable_idempotence": s.enable_idempotence,
@@ -135,19 +90,9 @@ class KafkaSink:
             # Room for the largest accepted callback plus headers; the broker's message.max.bytes must allow
             # it too (README "Kafka requirements").
             "max_request_size": self._max_request_bytes,
-            "security_protocol": s.security_protocol,
             "partitioner": partition_for,
+            **connection_options(s),
         }
-        if s.sasl_mechanism is not None:
-            kwargs |= {
-                "sasl_mechanism": s.sasl_mechanism,
-                "sasl_plain_username": s.sasl_username,
-                "sasl_plain_password": s.sasl_password,
-            }
-        if s.security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            kwargs["ssl_context"] = create_ssl_context(cafile=s.ssl_cafile)
         return AIOKafkaProducer(**kwargs)
 
     async def connect(self, *, retry_delay_s: float = 0.5, max_retry_delay_s: float = 10.0) -> None:
@@ -157,7 +102,7 @@ class KafkaSink:
         retrying cannot help there.
         """
         attempt = 0
-        delay_s = retry_delay_s
+        backoff = Backoff(retry_delay_s, max_retry_delay_s)
         while True:
             attempt += 1
             producer = self._make_producer()
@@ -165,6 +110,7 @@ class KafkaSink:
                 await producer.start()
             except KafkaConnectionError as exc:
                 await producer.stop()
+                delay_s = backoff.next_delay_s()
                 logger.warning(
                     "kafka not reachable at %s (attempt %d): %s; retrying in %.1fs",
                     self._settings.bootstrap_servers,
@@ -172,8 +118,7 @@ class KafkaSink:
                     exc,
                     delay_s,
                 )
-                await asyncio.sleep(delay_s * random.uniform(0.8, 1.2))
-                delay_s = min(delay_s * 2, max_retry_delay_s)
+                await asyncio.sleep(delay_s)
                 continue
             except BrokerResponseError as exc:
                 await producer.stop()
@@ -228,59 +173,14 @@ class KafkaSink:
         finally:
             self._replacing = None
 
-    async def publish(
-        self,
-        event: VodEvent,
-        *,
-        source: Source,
-        received_at: datetime,
-        topic: str | None = None,
-        timeout_s: float | None = None,
-        extra_headers: Sequence[tuple[str, bytes]] = (),
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers, *, timeout_s: float | None = None
     ) -> Ack:
-        """Send one event record and wait for the broker ack. Returns the ack; raises :class:`PublishFailed`."""
-        headers = record_headers(event, source=source, received_at=received_at, extra=extra_headers)
-        target = topic or self._settings.topic_for(event.event_type)
-        ack = await self._send(target, event.key.encode(), event.value, headers, source=source, timeout_s=timeout_s)
-        self._metrics.count_published(source, event.event_type)
-        return ack
+        """Send one record and wait for the broker ack, at most ``timeout_s`` (default: the publish timeout).
 
-    async def publish_dead_letter(
-        self,
-        raw: bytes,
-        *,
-        topic: str,
-        reason: str,
-        error: str,
-        event_handle: str | None,
-        received_at: datetime,
-        source: Source = "pull",
-    ) -> Ack:
-        """Send an undecodable event verbatim to the dead-letter topic, with the error in headers; returns
-        only after the broker ack."""
-        headers = [
-            ("source", source.encode()),
-            ("received-at", rfc3339_utc(received_at).encode()),
-            ("error-reason", reason.encode()),
-            ("error", error[:1000].encode()),
-        ]
-        if event_handle is not None:
-            headers.append(("event-handle", event_handle.encode()))
-        key = event_handle.encode() if event_handle is not None else None
-        ack = await self._send(topic, key, raw, headers, source=source)
-        self._metrics.dead_lettered.labels(source, reason).inc()
-        return ack
-
-    async def _send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: list[tuple[str, bytes]],
-        *,
-        source: Source,
-        timeout_s: float | None = None,
-    ) -> Ack:
+        Raises :class:`NotReady`, :class:`Overloaded`, :class:`RecordTooLarge` (not retriable) or
+        :class:`PublishFailed`.
+        """
         producer = self._producer
         if producer is None:
             raise NotReady("kafka producer is not connected yet")
@@ -289,32 +189,32 @@ class KafkaSink:
             raise NotReady("kafka producer failed and is being replaced")
         if self._in_flight >= self._settings.max_in_flight:
             raise Overloaded(f"{self._in_flight} publishes already awaiting a Kafka ack", retry_after_s=1)
+        timeout_s = timeout_s or self._settings.publish_timeout_s
         self._in_flight += 1
         started = time.perf_counter()
         try:
             # Bounds both the wait for buffer space/metadata in send() and the wait for the ack; a record
             # already handed to the producer may still be delivered later (at-least-once, same key).
-            async with asyncio.timeout(timeout_s or self._settings.publish_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 delivery = await producer.send(topic, value, key=key, headers=headers)
                 ack: Ack = await delivery
         except TimeoutError:
-            self._metrics.publish_failed.labels(source, "timeout").inc()
             if _sender_died(producer):
                 self._replace(producer)
-            raise PublishFailed(
-                f"no Kafka ack within {timeout_s or self._settings.publish_timeout_s:g}s for topic {topic}"
-            ) from None
+            raise PublishFailed(f"no Kafka ack within {timeout_s:g}s for topic {topic}", cause="timeout") from None
         except MessageSizeTooLargeError as exc:
-            self._metrics.publish_failed.labels(source, type(exc).__name__).inc()
             raise RecordTooLarge(
-                f"kafka refuses a record of {len(value)} bytes for topic {topic}", retriable=False
+                f"kafka refuses a record of {len(value)} bytes for topic {topic}",
+                retriable=False,
+                cause=type(exc).__name__,
             ) from exc
         except KafkaError as exc:
-            self._metrics.publish_failed.labels(source, type(exc).__name__).inc()
             if _sender_died(producer):
                 self._replace(producer)
             raise PublishFailed(
-                f"kafka error for topic {topic}: {type(exc).__name__}", retriable=bool(exc.retriable)
+                f"kafka error for topic {topic}: {type(exc).__name__}",
+                retriable=bool(exc.retriable),
+                cause=type(exc).__name__,
             ) from exc
         finally:
             self._in_flight -= 1

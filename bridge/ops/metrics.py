@@ -39,7 +39,7 @@ class Metrics:
         )
         self.dead_lettered = Counter(
             "vod_bridge_events_dead_lettered",
-            "Undecodable events sent to the dead-letter topic",
+            "Bodies without a usable key, and records Kafka refused for good, sent to the dead-letter topic",
             ["source", "reason"],
             registry=r,
         )
@@ -68,6 +68,17 @@ class Metrics:
         )
         self.spooled = Counter("vod_bridge_events_spooled", "Events stored in the local spool", ["source"], registry=r)
         self.published_from_spool = Counter("vod_bridge_spool_forwarded", "Spooled events acked by Kafka", registry=r)
+        self.spool_set_aside = Counter(
+            "vod_bridge_spool_set_aside",
+            "Spooled records refused for good by Kafka and by the dead-letter topic, kept in <spool>/refused/",
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "vod_bridge_events_fallback",
+            "Events published although their body is not of the documented shape, by how the key was found",
+            ["source", "reason"],
+            registry=r,
+        )
         self.spool_depth = Gauge("vod_bridge_spool_depth", "Events in the spool not yet acked by Kafka", registry=r)
         self.in_flight = Gauge("vod_bridge_publish_in_flight", "Publishes awaiting an ack", registry=r)
         self.kafka_connected = Gauge("vod_bridge_kafka_connected", "1 when the producer is connected", registry=r)

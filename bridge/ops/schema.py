@@ -12,6 +12,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from bridge import __version__
+from bridge.delivery import records
 from bridge.vod.event_types import EVENT_TYPES, EventSpec
 
 VALUE_SCHEMA_FILE: Final = "vod-event.value.schema.json"
@@ -22,15 +23,20 @@ _SCHEMA_FORMAT: Final = "application/schema+json;version=2020-12"
 
 
 class RecordHeaders(msgspec.Struct, kw_only=True):
-    """Kafka headers of every record (UTF-8 values)."""
+    """Kafka headers of every event record (UTF-8 values)."""
 
-    event_type: str = msgspec.field(name="event-type")
-    source: Literal["callback", "pull"]
+    event_type: str = msgspec.field(name=records.EVENT_TYPE)
+    source: Literal["callback", "pull"] = msgspec.field(name=records.SOURCE)
     #: RFC 3339 UTC with milliseconds, e.g. ``2026-11-26T11:30:31.123Z``: when the bridge received it.
-    received_at: str = msgspec.field(name="received-at")
-    content_type: Literal["application/json"] = msgspec.field(name="content-type")
+    received_at: str = msgspec.field(name=records.RECEIVED_AT)
+    content_type: Literal["application/json"] = msgspec.field(name=records.CONTENT_TYPE)
+    #: ``eventcontent``: the API 3.0 EventContent object. ``legacy-v2``: the v2.0 callback envelope
+    #: ``{"version", "eventType", "data"}``, published exactly as VOD sent it.
+    event_format: Literal["eventcontent", "legacy-v2"] = msgspec.field(name=records.EVENT_FORMAT)
     #: Only on records from the reliable (PullEvents) source.
-    event_handle: str | None = msgspec.field(name="event-handle", default=None)
+    event_handle: str | None = msgspec.field(name=records.EVENT_HANDLE, default=None)
+    #: Only on records re-published by ``vod-bridge redrive``: ``<topic>:<partition>:<offset>`` of the dead letter.
+    redriven_from: str | None = msgspec.field(name=records.REDRIVEN_FROM, default=None)
 
 
 def _envelope(event_type: str, spec: EventSpec) -> type[msgspec.Struct]:
@@ -42,16 +48,24 @@ def _envelope(event_type: str, spec: EventSpec) -> type[msgspec.Struct]:
 
 
 class OtherEventRecord(msgspec.Struct, kw_only=True):
-    """Any other EventType VOD sends: the payload object is passed through untouched."""
+    """Any other EventType VOD sends, or a body of another shape: passed through untouched."""
 
-    EventType: str
+    EventType: str | None = None
+
+
+class LegacyEventRecord(msgspec.Struct, kw_only=True):
+    """The v2.0 callback envelope (header ``event-format: legacy-v2``), published exactly as sent."""
+
+    version: str | None = None
+    eventType: str
+    data: dict[str, Any] | None = None
 
 
 def build_schemas() -> dict[str, dict[str, Any]]:
     """File name -> JSON document, deterministic (sorted keys when written)."""
     envelopes = [_envelope(event_type, spec) for event_type, spec in EVENT_TYPES.items()]
     (schemas, components) = msgspec.json.schema_components(
-        [*envelopes, OtherEventRecord], ref_template="#/$defs/{name}"
+        [*envelopes, LegacyEventRecord, OtherEventRecord], ref_template="#/$defs/{name}"
     )
     value_schema: dict[str, Any] = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -59,7 +73,11 @@ def build_schemas() -> dict[str, dict[str, Any]]:
         "title": "VOD event (Kafka record value)",
         "description": (
             "The VOD EventContent object as received, minus EventHandle/Sign/T. Unknown fields are kept "
-            "verbatim; consumers must ignore fields they do not know."
+            "verbatim; consumers must ignore fields they do not know. VOD's own documentation shows bodies that "
+            "do not match the SDK (another payload field name, ids as numbers, lower-case names, explicit nulls): "
+            "they are published as received, so a payload may not validate against its typed schema below. "
+            "Records with the header event-format=legacy-v2 carry the v2.0 envelope "
+            '{"version", "eventType", "data"} exactly as sent.'
         ),
         "anyOf": schemas,
         "$defs": components,
@@ -124,7 +142,8 @@ def asyncapi_document() -> dict[str, Any]:
             "deadLetters": {
                 "address": "vod.events.dlq",
                 "description": (
-                    "BRIDGE_KAFKA_DEAD_LETTER_TOPIC: undecodable pulled events (or unreadable spool records), as is."
+                    "BRIDGE_KAFKA_DEAD_LETTER_TOPIC: JSON objects without a usable key (from either source), and "
+                    "spooled records Kafka refused for good; `vod-bridge redrive` moves them back once they decode."
                 ),
                 "messages": {"deadLetter": {"$ref": "#/components/messages/deadLetter"}},
             },
@@ -155,23 +174,33 @@ def asyncapi_document() -> dict[str, Any]:
                 },
                 "deadLetter": {
                     "name": "DeadLetter",
-                    "title": "An event that could not be decoded",
+                    "title": "A body that could not be published as an event",
                     "contentType": "application/json",
                     "headers": {
                         "type": "object",
                         "properties": {
-                            "source": {"enum": ["pull", "callback"]},
-                            "received-at": {"type": "string"},
-                            "error-reason": {"type": "string"},
-                            "error": {"type": "string"},
-                            "event-handle": {"type": "string"},
+                            records.SOURCE: {"enum": ["pull", "callback"]},
+                            records.RECEIVED_AT: {"type": "string"},
+                            records.CONTENT_TYPE: {"const": "application/json"},
+                            records.ERROR_REASON: {
+                                "type": "string",
+                                "description": "bounded label: missing_key, ambiguous_payload, kafka_refused, ...",
+                            },
+                            records.ERROR: {"type": "string", "maxLength": records.MAX_ERROR_BYTES},
+                            records.EVENT_TYPE: {"type": "string", "description": "when the body names one"},
+                            records.EVENT_HANDLE: {"type": "string"},
                         },
-                        "required": ["source", "received-at", "error-reason", "error"],
+                        "required": [records.SOURCE, records.RECEIVED_AT, records.ERROR_REASON, records.ERROR],
                     },
-                    "payload": {"description": "the event exactly as PullEvents returned it (may not be valid JSON)"},
+                    "payload": {
+                        "description": (
+                            "the body as received minus EventHandle/Sign/T (a JSON object), or, for an EventSet item "
+                            "or spool record that is not one, its bytes as they were"
+                        )
+                    },
                     "bindings": {
                         "kafka": {
-                            "key": {"type": "string", "description": "the EventHandle, if readable"},
+                            "key": {"type": "string", "description": "the EventHandle, if any (else no key)"},
                             "bindingVersion": "0.5.0",
                         }
                     },

@@ -10,14 +10,16 @@ from typing import IO, Any
 import msgspec
 from aiokafka import AIOKafkaConsumer
 
+from bridge.delivery import records
+
 
 def format_record(record: Any, *, pretty: bool = True) -> str:
     """One record as text: a summary line, then its value (indented JSON when ``pretty``)."""
     headers = {name: value.decode(errors="replace") for name, value in record.headers or ()}
     key = record.key.decode(errors="replace") if record.key is not None else "-"
     summary = (
-        f"{headers.get('received-at', '-')} {record.topic}[{record.partition}]@{record.offset} "
-        f"key={key} type={headers.get('event-type', '-')} source={headers.get('source', '-')}"
+        f"{headers.get(records.RECEIVED_AT, '-')} {record.topic}[{record.partition}]@{record.offset} "
+        f"key={key} type={headers.get(records.EVENT_TYPE, '-')} source={headers.get(records.SOURCE, '-')}"
     )
     value = record.value or b""
     if pretty:
@@ -28,7 +30,7 @@ def format_record(record: Any, *, pretty: bool = True) -> str:
 
 def matches(record: Any, *, event_type: str | None, key: str | None) -> bool:
     headers = dict(record.headers or ())
-    if event_type is not None and headers.get("event-type", b"").decode(errors="replace") != event_type:
+    if event_type is not None and headers.get(records.EVENT_TYPE, b"").decode(errors="replace") != event_type:
         return False
     return key is None or (record.key or b"").decode(errors="replace") == key
 

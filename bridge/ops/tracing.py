@@ -14,13 +14,13 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from bridge.errors import ConfigError
-from bridge.vod.model import VodEvent
+from bridge.vod.model import Undecodable, VodEvent
 
 Headers = list[tuple[str, bytes]]
 
 
 class EventSpan(Protocol):
-    def annotate(self, event: VodEvent) -> None:
+    def annotate(self, event: VodEvent | Undecodable) -> None:
         """Attach the event's type and key once it is decoded."""
 
     def kafka_headers(self) -> Headers:
@@ -33,7 +33,7 @@ class EventTracer(Protocol):
 
 
 class _NoSpan:
-    def annotate(self, event: VodEvent) -> None:
+    def annotate(self, event: VodEvent | Undecodable) -> None:
         pass
 
     def kafka_headers(self) -> Headers:
@@ -64,9 +64,11 @@ class _OtelSpan:
         self._span = span
         self._propagate = propagate
 
-    def annotate(self, event: VodEvent) -> None:
-        self._span.set_attribute("vod.event_type", event.event_type)
-        self._span.set_attribute("messaging.kafka.message.key", event.key)
+    def annotate(self, event: VodEvent | Undecodable) -> None:
+        if event.event_type is not None:
+            self._span.set_attribute("vod.event_type", event.event_type)
+        if isinstance(event, VodEvent):
+            self._span.set_attribute("messaging.kafka.message.key", event.key)
 
     def kafka_headers(self) -> Headers:
         carrier: dict[str, str] = {}

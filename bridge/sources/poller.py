@@ -1,7 +1,8 @@
 """The reliable-callback source: ``PullEvents`` → publish each event → ``ConfirmEvents`` for exactly the acked.
 
-Invariant: an event handle is confirmed only after its record (or, for an undecodable event, its
-dead-letter record) was acknowledged by Kafka. Everything else is left unconfirmed, so VOD hands it out again
+Invariant: an event handle is confirmed only after the delivery path acknowledged its record (on its topic,
+or, for a body without a usable key, on the dead-letter topic), or found it an exact repeat of one Kafka
+already acknowledged. Everything else is left unconfirmed, so VOD hands it out again
 after its 30-second window: delivery is at least once, and duplicates keep their key.
 """
 
@@ -10,22 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
 import msgspec
 
+from bridge.backoff import Backoff
 from bridge.config import PollerSettings
-from bridge.delivery.dedup import DedupWindow
-from bridge.delivery.kafka import Sink
-from bridge.errors import InvalidPayload, PublishFailed, UpstreamError
+from bridge.delivery.pipeline import DeadLettered, Delivery, Published, delivered
+from bridge.errors import InvalidPayload, UpstreamError
 from bridge.ops.metrics import Metrics
-from bridge.ops.tracing import EventSpan, EventTracer, NoTracer
-from bridge.vod.decode import decode_event
+from bridge.ops.tracing import EventTracer, NoTracer
+from bridge.vod.decode import read_event
+from bridge.vod.model import Undecodable, VodEvent
+
+VodEventOrBody = VodEvent | Undecodable
 
 logger = logging.getLogger(__name__)
 
@@ -83,19 +86,20 @@ class Poller:
     def __init__(
         self,
         api: EventsApi,
-        sink: Sink,
+        delivery: Delivery,
         settings: PollerSettings,
         metrics: Metrics,
         *,
-        dedup: DedupWindow | None = None,
+        ready: Callable[[], bool],
         tracer: EventTracer | None = None,
     ) -> None:
         self._api = api
-        self._sink = sink
+        self._delivery = delivery
         self._settings = settings
         self._metrics = metrics
+        #: Whether Kafka can take records now: pulling while it cannot would only churn the 30 s window.
+        self._ready = ready
         self._stopping = asyncio.Event()
-        self._dedup = dedup
         self._tracer = tracer or NoTracer()
         self.stats = PollerStats()
 
@@ -110,11 +114,11 @@ class Poller:
         the next PullEvents is already under way. Each batch still confirms only its own acked handles.
         """
         logger.info("poller started: PullEvents -> kafka -> ConfirmEvents")
-        backoff = _Backoff(self._settings.backoff_initial_s, self._settings.backoff_max_s)
+        backoff = Backoff(self._settings.backoff_initial_s, self._settings.backoff_max_s)
         in_flight: set[asyncio.Task[bool]] = set()
         try:
             while not self._stopping.is_set():
-                if not self._sink.ready:
+                if not self._ready():
                     # Pulling before Kafka answers would only hand events out to let their window expire.
                     await self._pause(0.2)
                     continue
@@ -158,7 +162,7 @@ class Poller:
             self.stats.max_confirm_age_s,
         )
 
-    async def _after_batches(self, done: set[asyncio.Task[bool]], backoff: _Backoff) -> None:
+    async def _after_batches(self, done: set[asyncio.Task[bool]], backoff: Backoff) -> None:
         if not done:
             return
         if all(task.result() for task in done):
@@ -177,64 +181,34 @@ class Poller:
         self.stats.events += len(raw_events)
         self._metrics.pulled_events.inc(len(raw_events))
         received_at = datetime.now(UTC)
-        outcomes = await asyncio.gather(*(self._publish_one(raw, received_at) for raw in raw_events))
+        outcomes = await asyncio.gather(*(self._deliver_one(raw, received_at) for raw in raw_events))
         acked = [handle for handle, ok in outcomes if ok and handle is not None]
         failed = sum(1 for handle, ok in outcomes if not ok)
         self.stats.not_confirmed += failed
         await self._confirm(acked, pulled_at=pulled_at)
         return failed == 0
 
-    async def _publish_one(self, raw: bytes, received_at: datetime) -> tuple[str | None, bool]:
-        """(handle, acked). Never raises for a single event: one bad event must not stop the batch."""
+    async def _deliver_one(self, raw: bytes, received_at: datetime) -> tuple[str | None, bool]:
+        """(handle, confirmable). Never raises for a single event: one bad event must not stop the batch."""
         with self._tracer.span("vod.pull") as span:
-            return await self._trace_one(raw, received_at, span)
-
-    async def _trace_one(self, raw: bytes, received_at: datetime, span: EventSpan) -> tuple[str | None, bool]:
-        try:
-            event = decode_event(raw)
-        except InvalidPayload as exc:
-            return await self._dead_letter(raw, exc, received_at)
-        span.annotate(event)
-        self._metrics.count_received("pull", event.event_type)
-        if event.event_handle is None:
-            logger.warning("pulled %s key=%s without EventHandle; publishing it anyway", event.event_type, event.key)
-        if self._dedup is not None and self._dedup.seen(event):
-            # An equal event was acked within the window: confirm this copy without publishing it again.
-            self._metrics.duplicates.labels("pull").inc()
-            return event.event_handle, True
-        try:
-            await self._sink.publish(event, source="pull", received_at=received_at, extra_headers=span.kafka_headers())
-        except PublishFailed as exc:
-            logger.warning("pulled %s key=%s not acked, left for re-delivery: %s", event.event_type, event.key, exc)
-            return event.event_handle, False
-        if self._dedup is not None:
-            self._dedup.record(event)
-        self.stats.published += 1
-        return event.event_handle, True
-
-    async def _dead_letter(self, raw: bytes, exc: InvalidPayload, received_at: datetime) -> tuple[str | None, bool]:
-        handle = event_handle_of(raw)
-        self._metrics.rejected.labels("pull", exc.reason).inc()
-        try:
-            await self._sink.publish_dead_letter(
-                raw,
-                topic=self._settings.dead_letter_topic,
-                reason=exc.reason,
-                error=exc.message,
-                event_handle=handle,
-                received_at=received_at,
+            try:
+                item: VodEventOrBody = read_event(raw)
+            except InvalidPayload as exc:
+                # An EventSet item that is not a JSON object: still kept, on the dead-letter topic.
+                item = Undecodable(reason=exc.reason, message=exc.message, value=raw, event_handle=event_handle_of(raw))
+            span.annotate(item)
+            if item.event_handle is None:
+                logger.warning("pulled %s without EventHandle; delivering it anyway", item.event_type or "event")
+            outcome = await self._delivery.deliver(
+                item, source="pull", received_at=received_at, trace_headers=span.kafka_headers()
             )
-        except PublishFailed as failure:
-            logger.warning("undecodable event (%s) not dead-lettered, left for re-delivery: %s", exc.reason, failure)
-            return handle, False
-        logger.warning(
-            "undecodable pulled event (%s: %s) sent to %s",
-            exc.reason,
-            exc.message,
-            self._settings.dead_letter_topic,
-        )
-        self.stats.dead_lettered += 1
-        return handle, True
+        if isinstance(outcome, Published):
+            self.stats.published += 1
+        elif isinstance(outcome, DeadLettered):
+            self.stats.dead_lettered += 1
+        elif not delivered(outcome):
+            logger.warning("pulled %s not acknowledged, left for re-delivery", item.event_type or "event")
+        return item.event_handle, delivered(outcome)
 
     async def _confirm(self, handles: Sequence[str], *, pulled_at: float) -> None:
         """ConfirmEvents in calls of at most 16, retried while the 30-second window allows."""
@@ -258,7 +232,7 @@ class Poller:
                 self.stats.not_confirmed += len(chunk)
 
     async def _confirm_chunk(self, chunk: Sequence[str], *, pulled_at: float) -> bool:
-        backoff = _Backoff(0.1, 2.0)
+        backoff = Backoff(0.1, 2.0)
         while True:
             try:
                 await self._api.confirm_events(chunk)
@@ -297,20 +271,3 @@ class Poller:
         """Sleep, but wake at once on stop()."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
-
-
-class _Backoff:
-    """Exponential back-off with ±20 % jitter, so many bridges do not retry in lockstep."""
-
-    def __init__(self, initial_s: float, max_s: float) -> None:
-        self._initial_s = initial_s
-        self._max_s = max_s
-        self._next_s = initial_s
-
-    def next_delay_s(self) -> float:
-        delay_s = self._next_s
-        self._next_s = min(self._next_s * 2, self._max_s)
-        return delay_s * random.uniform(0.8, 1.2)
-
-    def reset(self) -> None:
-        self._next_s = self._initial_s

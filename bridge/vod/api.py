@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -29,6 +28,7 @@ import aiohttp
 import msgspec
 
 from bridge.errors import ConfigError, UpstreamError
+from bridge.secretfile import read_setting
 
 __all__ = [
     "API_VERSION",
@@ -123,9 +123,9 @@ class Credentials:
         one of id/key is set, a file cannot be read or a value is malformed; messages name variables and
         files, never their content.
         """
-        secret_id = _read_setting(environ, "TENCENTCLOUD_SECRET_ID")
-        secret_key = _read_setting(environ, "TENCENTCLOUD_SECRET_KEY")
-        token = _read_setting(environ, "TENCENTCLOUD_SESSION_TOKEN")
+        secret_id = read_setting(environ, "TENCENTCLOUD_SECRET_ID")
+        secret_key = read_setting(environ, "TENCENTCLOUD_SECRET_KEY")
+        token = read_setting(environ, "TENCENTCLOUD_SESSION_TOKEN")
         if not secret_id and not secret_key:
             if token:
                 logger.warning("TENCENTCLOUD_SESSION_TOKEN is set without a secret id/key pair; ignoring it")
@@ -142,21 +142,6 @@ class Credentials:
         except ValueError as exc:
             # The ValueError message names the field only, never the value.
             raise ConfigError(f"invalid Tencent Cloud credentials: {exc}") from None
-
-
-def _read_setting(environ: Mapping[str, str], name: str) -> str:
-    """The stripped value of ``name`` or of the file named by ``name_FILE``; ``""`` when unset."""
-    direct = environ.get(name, "").strip()
-    file_name = environ.get(f"{name}_FILE", "").strip()
-    if direct and file_name:
-        raise ConfigError(f"set either {name} or {name}_FILE, not both")
-    if not file_name:
-        return direct
-    try:
-        return Path(file_name).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ConfigError(f"{name}_FILE: cannot read {file_name!r}: {reason}") from None
 
 
 # --------------------------------------------------------------------------------------------------------

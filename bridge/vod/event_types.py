@@ -80,8 +80,27 @@ EVENT_TYPES: Final[Mapping[str, EventSpec]] = {
 #: Fields that authenticate or transport an event but are not event data; never published.
 TRANSPORT_FIELDS: Final = frozenset({"EventHandle", "Sign", "T"})
 
-#: For types missing from ``EVENT_TYPES``: the payload's first present field of these becomes the key.
+#: For types missing from ``EVENT_TYPES`` (and payload fields that name no known type): the payload's first
+#: usable field of these becomes the key.
 FALLBACK_KEY_FIELDS: Final = ("TaskId", "FileId")
+
+#: Key fields of the legacy v2.0 envelope's ``data`` object, in priority order: the task id (``vodTaskId``,
+#: ``taskId``) where there is one, else the media file (``fileId``; a list for FileDeleted), else the source
+#: file of a clip/sprite/snapshot (``srcFileId``). ``vodTaskId`` before ``fileId`` as in the v2.0 docs, where
+#: task events carry both. Matched case-insensitively, like every key field.
+LEGACY_KEY_FIELDS: Final = ("vodTaskId", "fileId", "taskId", "srcFileId")
+
+#: The EventType given to an event that has none and whose payload field names no known type.
+UNKNOWN_EVENT_TYPE: Final = "Unknown"
+
+#: Payload field name -> EventType, to name an event that arrives without ``EventType``: every EventType used as
+#: a field name (Tencent's pages show ``WechatPublishComplete``, ``EditMediaComplete``), the aliases seen in
+#: Tencent's documentation, and, winning over both, the table's own payload fields.
+EVENT_TYPE_BY_FIELD: Final[Mapping[str, str]] = {
+    **{event_type: event_type for event_type in EVENT_TYPES},
+    "RestoreCompleteEvent": "RestoreMediaComplete",
+    **{spec.payload_field: event_type for event_type, spec in EVENT_TYPES.items()},
+}
 
 #: Bound on a natural key (TaskId, FileId, ...): FileDeleted may join many FileIds, real ids are short.
 MAX_KEY_LEN: Final = 4096

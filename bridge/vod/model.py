@@ -7,13 +7,54 @@ the Structs; they survive in the lossless value (see :mod:`bridge.vod.decode`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal, get_args
 
 import msgspec
 
 #: How the body was framed: the API 3.0 ``EventContent`` envelope, or the legacy v2.0 callback envelope
 #: ``{"version": "4.0", "eventType": ..., "data": {...}}``.
 EventFormat = Literal["eventcontent", "legacy-v2"]
+
+#: Labels of :attr:`VodEvent.fallbacks`: how the tolerant reader coped with a body that departs from the
+#: documented shape. A closed set, because they become a metric label (schema drift must be countable without
+#: letting callers mint label values).
+Fallback = Literal[
+    # The legacy v2.0 callback envelope; its key comes from ``data`` (``LEGACY_KEY_FIELDS``).
+    "legacy_envelope",
+    # A known EventType whose payload sits under another field name (``WechatPublishComplete``, another
+    # type's field, ...): found as the single object field that carries the type's id.
+    "payload_field_alias",
+    # No EventType (a PullEvents item in Tencent's examples): named after its payload field, else
+    # ``UNKNOWN_EVENT_TYPE``.
+    "event_type_inferred",
+    # The key field matched case-insensitively (``fileId``, ``taskId``, ``TaskID``).
+    "key_field_case",
+    # The id was a JSON number: the key is its text as sent, never a float or int round trip.
+    "numeric_key",
+    # The payload did not validate against its typed Struct (e.g. an int given as a list): published with
+    # ``payload=None``.
+    "payload_type_mismatch",
+    # ``EventHandle``, ``Sign`` or ``T`` had the wrong JSON type and was left unset.
+    "transport_field_unreadable",
+]
+FALLBACK_REASONS: Final[frozenset[str]] = frozenset(get_args(Fallback))
+
+#: Values of :attr:`Undecodable.reason`, a closed set for the same reason as :data:`Fallback`.
+UndecodableReason = Literal[
+    # ``EventType`` (or legacy ``eventType``) is not a non-empty string of at most ``MAX_EVENT_TYPE_LEN`` chars.
+    "invalid_event_type",
+    # An EventType, but no payload object at all.
+    "no_payload",
+    # A payload for a type whose key field is known (``EVENT_TYPES``), without that id.
+    "missing_key",
+    # Two or more object fields carry an id: the reader does not guess which one is the event.
+    "ambiguous_payload",
+    # The id is longer than ``MAX_KEY_LEN`` characters.
+    "key_too_long",
+    # No EventType and no object field that carries an id: nothing says what the body is.
+    "unrecognised",
+]
+UNDECODABLE_REASONS: Final[frozenset[str]] = frozenset(get_args(UndecodableReason))
 
 
 class VodStruct(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -144,8 +185,9 @@ class OpaqueEvent(VodStruct):
 class VodEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One decoded event, ready to publish.
 
-    ``value`` is the lossless envelope JSON; ``payload`` is the typed view of it (``None`` for event types
-    the bridge does not model); ``key`` is the Kafka key as text.
+    ``value`` is the lossless envelope JSON (for the legacy envelope: the body exactly as sent); ``payload`` is
+    the typed view of it (``None`` for event types the bridge does not model, for the legacy envelope, and
+    when the payload does not validate, see ``fallbacks``); ``key`` is the Kafka key as text.
     """
 
     event_type: str
@@ -158,17 +200,21 @@ class VodEvent(msgspec.Struct, frozen=True, kw_only=True):
     sign: str | None = None
     expires_at: int | None = None
     format: EventFormat = "eventcontent"
-    #: How the tolerant reader found the key when the body was not of the documented shape (for metrics).
-    fallbacks: tuple[str, ...] = ()
+    #: How the tolerant reader coped where the body departs from the documented shape (empty for a documented
+    #: body); labels from :data:`FALLBACK_REASONS`, for metrics.
+    fallbacks: tuple[Fallback, ...] = ()
 
 
 class Undecodable(msgspec.Struct, frozen=True, kw_only=True):
     """A JSON object that is not a publishable event (no key can be found): it goes to the dead-letter topic.
 
     ``value`` is what the dead-letter record carries: the body minus transport fields (``EventHandle``,
-    ``Sign``, ``T``). The other fields are read leniently, for authentication and headers, when present.
+    ``Sign``, ``T``). ``message`` says the reason for humans. The other fields are read leniently, for
+    authentication and headers, when present.
     """
 
+    #: One of :data:`UNDECODABLE_REASONS` from the reader; a caller that dead-letters a body which is not even a
+    #: JSON object (an ``EventSet`` item) uses the ``InvalidPayload`` reason instead (``NOT_AN_OBJECT_REASONS``).
     reason: str
     message: str
     value: bytes

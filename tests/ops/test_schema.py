@@ -26,14 +26,14 @@ def test_value_schema_covers_every_seed_field_and_type() -> None:
     seed = json.loads(sample_bytes())["PullCompleteEvent"]
     assert set(seed) <= set(defs["PullCompleteEvent"]["properties"])
     assert set(seed["MediaBasicInfo"]) <= set(defs["MediaBasicInfo"]["properties"])
-    assert len(schema["anyOf"]) == len(EVENT_TYPES) + 1  # one per modelled type, plus pass-through
+    assert len(schema["anyOf"]) == len(EVENT_TYPES) + 2  # one per modelled type, legacy v2.0, pass-through
     # Unknown fields are allowed everywhere: VOD adds fields and the value carries them.
     assert all(d.get("additionalProperties", True) is not False for d in defs.values())
 
 
 def test_headers_schema_names_the_contract_headers() -> None:
     headers = build_schemas()["vod-event.headers.schema.json"]
-    assert set(headers["required"]) == {"event-type", "source", "received-at", "content-type"}
+    assert set(headers["required"]) == {"event-type", "source", "received-at", "content-type", "event-format"}
     assert "event-handle" in headers["properties"]
 
 

@@ -38,7 +38,7 @@ def test_run_workers_refuses_to_strand_spooled_events_before_starting_any_worker
     settings = load_settings({"BRIDGE_WORKERS": "2", "BRIDGE_SPOOL_DIR": str(tmp_path), "BRIDGE_HTTP_PORT": "8080"})
     with caplog.at_level(logging.CRITICAL, logger="bridge.ops.workers"):
         assert run_workers(settings, {}) == EXIT_CONFIG == 2
-    (record,) = caplog.records
+    (record,) = [r for r in caplog.records if r.name == "bridge.ops.workers"]
     assert record.name == "bridge.ops.workers"
     assert f"{tmp_path}/worker-2: 2 undelivered events" in record.getMessage()
     assert "Start once with BRIDGE_WORKERS=3 until vod_bridge_spool_depth is 0" in record.getMessage()

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from conftest import Kafka, headers_of, read_records, sample_bytes, sample_event, value_of
 
-from bridge.keys import METRICS_KEY
+from bridge.app import COMPONENTS
 
 pytestmark = pytest.mark.integration
 
@@ -52,13 +52,17 @@ async def test_unknown_fields_and_types_reach_kafka_unchanged(kafka: Kafka, make
     assert headers_of(records[1])["event-type"] == "SomethingNew"
 
 
+#: Bodies that are not a JSON object: there is nothing to keep, so the sender gets a 400.
 BAD_BODIES = [
     (b"{not json", "malformed JSON"),
     (b"[]", "JSON object"),
-    (b'{"EventType": "PullComplete"}', "PullCompleteEvent"),
-    (b'{"EventType": "PullComplete", "PullCompleteEvent": {"Status": "FINISH"}}', "TaskId"),
-    (b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "t", "ErrCode": "x"}}', "ErrCode"),
     (b"", "empty body"),
+]
+
+#: JSON objects without a usable key: dead-lettered (200 after the ack) by default, 400 with the reject policy.
+KEYLESS_BODIES = [
+    (b'{"EventType": "PullComplete"}', "no_payload", "payload"),
+    (b'{"EventType": "PullComplete", "PullCompleteEvent": {"Status": "FINISH"}}', "missing_key", "TaskId"),
 ]
 
 
@@ -75,7 +79,7 @@ async def test_bad_inputs_get_400_and_publish_nothing(kafka: Kafka, make_setting
     records = await read_records(kafka.bootstrap_servers, topic, count=1, settle_s=1.0)
     assert [(r.offset, r.key) for r in records] == [(0, b"t-good")]
 
-    metrics = client.server.app[METRICS_KEY]
+    metrics = client.server.app[COMPONENTS].metrics
     rejected = sum(
         sample.value
         for metric in metrics.registry.collect()
@@ -84,6 +88,37 @@ async def test_bad_inputs_get_400_and_publish_nothing(kafka: Kafka, make_setting
         if sample.name.endswith("_total")
     )
     assert rejected == len(BAD_BODIES)
+
+
+async def test_keyless_objects_are_dead_lettered_after_the_ack(kafka: Kafka, make_settings, make_client, topic):
+    client = await make_client(make_settings())
+    for body, reason, _ in KEYLESS_BODIES:
+        response = await client.post("/vod/callback", data=body)
+        assert response.status == 200, body
+        answer = await response.json()
+        assert answer["status"] == "dead_lettered" and answer["reason"] == reason
+        assert answer["topic"] == f"{topic}.dlq"
+    letters = await read_records(kafka.bootstrap_servers, f"{topic}.dlq", count=len(KEYLESS_BODIES), settle_s=0.5)
+    assert sorted(json.dumps(value_of(r), sort_keys=True) for r in letters) == sorted(
+        json.dumps(json.loads(body), sort_keys=True) for body, _, _ in KEYLESS_BODIES
+    )
+    assert sorted(headers_of(r)["error-reason"] for r in letters) == sorted(reason for _, reason, _ in KEYLESS_BODIES)
+    assert all(headers_of(r)["source"] == "callback" for r in letters)
+
+
+async def test_reject_policy_keeps_the_400(kafka: Kafka, make_settings, make_client, topic) -> None:
+    client = await make_client(make_settings(delivery_callback_invalid="reject"))
+    for body, _, named in KEYLESS_BODIES:
+        response = await client.post("/vod/callback", data=body)
+        assert response.status == 400, body
+        error = await response.json()
+        assert error["error"] == "invalid_payload" and named in error["message"]
+    assert (await client.post("/vod/callback", json=sample_event("t-after"))).status == 200
+    (record,) = await read_records(kafka.bootstrap_servers, topic, count=1, settle_s=0.5)
+    assert record.key == b"t-after"
+    rendered = client.server.app[COMPONENTS].metrics.render().decode()
+    for _, reason, _ in KEYLESS_BODIES:
+        assert f'vod_bridge_events_rejected_total{{reason="{reason}",source="callback"}} 1.0' in rendered
 
 
 async def test_oversized_body_gets_413_json(make_settings, make_client) -> None:

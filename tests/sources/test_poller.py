@@ -18,7 +18,10 @@ from faultkit import create_topic
 
 from bridge.app import create_app
 from bridge.config import KafkaSettings, PollerSettings
+from bridge.delivery.dedup import DedupWindow
 from bridge.delivery.kafka import KafkaSink
+from bridge.delivery.pipeline import Delivery
+from bridge.delivery.records import EVENT_HANDLE, Headers, header
 from bridge.errors import UpstreamError
 from bridge.ops.embedded import EmbeddedBroker
 from bridge.ops.metrics import Metrics
@@ -41,14 +44,11 @@ class AckClock:
     def ready(self) -> bool:
         return self.inner.ready
 
-    async def publish(self, event: Any, **kwargs: Any) -> Any:
-        ack = await self.inner.publish(event, **kwargs)
-        self.acked_at[event.event_handle] = time.monotonic()
-        return ack
-
-    async def publish_dead_letter(self, raw: bytes, **kwargs: Any) -> Any:
-        ack = await self.inner.publish_dead_letter(raw, **kwargs)
-        self.acked_at[kwargs["event_handle"]] = time.monotonic()
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers, **kwargs: Any) -> Any:
+        ack = await self.inner.send(topic, key, value, headers, **kwargs)
+        handle = header(headers, EVENT_HANDLE)
+        assert handle is not None
+        self.acked_at[handle] = time.monotonic()
         return ack
 
 
@@ -68,7 +68,6 @@ class ConfirmFails:
 def poller_settings(topic: str, **overrides: Any) -> PollerSettings:
     values: dict[str, Any] = {
         "enabled": True,
-        "dead_letter_topic": f"{topic}.dlq",
         "backoff_initial_s": 0.05,
         "backoff_max_s": 0.5,
         "idle_interval_s": 0.05,
@@ -89,6 +88,14 @@ async def fake_vod() -> AsyncIterator[FakeVod]:
 async def vod_client(fake_vod: FakeVod) -> AsyncIterator[VodClient]:
     async with __import__("aiohttp").ClientSession() as session:
         yield VodClient(session, CREDENTIALS, endpoint=fake_vod.endpoint, request_timeout_s=5)
+
+
+def make_poller(
+    api: Any, sink: Any, settings: PollerSettings, metrics: Metrics, *, topic: str, dedup: DedupWindow | None = None
+) -> Poller:
+    """The poller wired as ``create_app`` wires it: through the one delivery path, dead letters to ``<topic>.dlq``."""
+    delivery = Delivery(sink, metrics, topic_for=lambda _: topic, dead_letter_topic=f"{topic}.dlq", dedup=dedup)
+    return Poller(api, delivery, settings, metrics, ready=lambda: sink.ready)
 
 
 async def connected_sink(settings: KafkaSettings, metrics: Metrics) -> KafkaSink:
@@ -124,7 +131,7 @@ async def test_all_events_reach_kafka_and_each_confirm_follows_its_ack(
     metrics = Metrics()
     sink = AckClock(await connected_sink(kafka_settings(kafka, topic), metrics))
     ids = {fake_vod.add_event(sample_event(f"task-{i}")): f"task-{i}" for i in range(40)}
-    poller = Poller(vod_client, sink, poller_settings(topic), metrics)
+    poller = make_poller(vod_client, sink, poller_settings(topic), metrics, topic=topic)
     try:
         await run_until(poller, lambda: not fake_vod.pending_ids)
     finally:
@@ -164,7 +171,7 @@ async def test_kafka_down_nothing_confirmed_then_everything_arrives(
         sink = AckClock(await connected_sink(settings, metrics))
         broker.stop()
         ids = [fake_vod.add_event(sample_event(f"outage-{i}")) for i in range(10)]
-        poller = Poller(vod_client, sink, poller_settings(topic), metrics)
+        poller = make_poller(vod_client, sink, poller_settings(topic), metrics, topic=topic)
         task = asyncio.create_task(poller.run())
         try:
             await wait_until(lambda: fake_vod.pulls >= 2, timeout_s=15)
@@ -192,11 +199,11 @@ async def test_redelivered_duplicates_keep_their_key(
     ids = [fake_vod.add_event(sample_event(f"dup-{i}")) for i in range(3)]
     try:
         # First bridge: publishes, then its confirms are lost -> nothing confirmed.
-        crashed = Poller(ConfirmFails(vod_client), sink, poller_settings(topic), metrics)
+        crashed = make_poller(ConfirmFails(vod_client), sink, poller_settings(topic), metrics, topic=topic)
         await run_until(crashed, lambda: crashed.stats.published == 3)
         assert fake_vod.confirmed == []
         # After the visibility timeout VOD hands the same events out again, with new handles.
-        healthy = Poller(vod_client, sink, poller_settings(topic), metrics)
+        healthy = make_poller(vod_client, sink, poller_settings(topic), metrics, topic=topic)
         await run_until(healthy, lambda: not fake_vod.pending_ids)
     finally:
         await sink.close()
@@ -218,20 +225,21 @@ async def test_undecodable_event_is_dead_lettered_then_confirmed(
 ) -> None:
     metrics = Metrics()
     sink = AckClock(await connected_sink(kafka_settings(kafka, topic), metrics))
-    bad = {"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "t-bad", "ErrCode": "not-a-number"}}
+    # A type error alone no longer dead-letters (the tolerant reader publishes it); a missing id does.
+    bad = {"EventType": "PullComplete", "PullCompleteEvent": {"ErrCode": 70000, "Message": "no task id"}}
     bad_id = fake_vod.add_event(bad)
     good_id = fake_vod.add_event(sample_event("t-good"))
-    poller = Poller(vod_client, sink, poller_settings(topic), metrics)
+    poller = make_poller(vod_client, sink, poller_settings(topic), metrics, topic=topic)
     try:
         await run_until(poller, lambda: not fake_vod.pending_ids)
     finally:
         await sink.inner.close()
     (dead,) = await read_records(kafka.bootstrap_servers, f"{topic}.dlq", count=1)
     headers = headers_of(dead)
-    assert headers["error-reason"] == "wrong_type"
-    assert "ErrCode" in headers["error"]
-    raw = value_of(dead)
-    assert raw["PullCompleteEvent"] == bad["PullCompleteEvent"] and raw["EventHandle"] == headers["event-handle"]
+    assert headers["error-reason"] == "missing_key"
+    assert "TaskId" in headers["error"]
+    assert headers["event-type"] == "PullComplete" and headers["event-handle"]
+    assert value_of(dead) == bad, "the body as pulled, minus the transport field EventHandle"
     (good,) = await read_records(kafka.bootstrap_servers, topic, count=1)
     assert good.key == b"t-good"
     assert {event_id for _, event_id, _ in fake_vod.confirmed} == {bad_id, good_id}
@@ -245,7 +253,7 @@ async def test_api_errors_back_off_and_recover(
     sink = await connected_sink(kafka_settings(kafka, topic), metrics)
     fake_vod.fail_next(3, code="InternalError")
     fake_vod.add_event(sample_event("after-errors"))
-    poller = Poller(vod_client, sink, poller_settings(topic), metrics)
+    poller = make_poller(vod_client, sink, poller_settings(topic), metrics, topic=topic)
     try:
         await run_until(poller, lambda: not fake_vod.pending_ids)
     finally:
@@ -259,7 +267,7 @@ async def test_stop_during_long_poll_returns_promptly(kafka: Kafka, topic: str, 
     fake_vod.pull_delay_s = 10.0
     metrics = Metrics()
     sink = await connected_sink(kafka_settings(kafka, topic), metrics)
-    poller = Poller(vod_client, sink, poller_settings(topic), metrics)
+    poller = make_poller(vod_client, sink, poller_settings(topic), metrics, topic=topic)
     task = asyncio.create_task(poller.run())
     try:
         await asyncio.sleep(0.5)  # the first PullEvents is now parked in the 10 s long poll
@@ -295,9 +303,9 @@ async def test_app_runs_the_poller_without_the_receiver(kafka: Kafka, topic: str
 class SlowAcks(AckClock):
     """The real sink, with each ack held back a little: long enough to see the next pull overlap."""
 
-    async def publish(self, event: Any, **kwargs: Any) -> Any:
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers, **kwargs: Any) -> Any:
         await asyncio.sleep(0.3)
-        return await super().publish(event, **kwargs)
+        return await super().send(topic, key, value, headers, **kwargs)
 
 
 @pytest.mark.parametrize(("batches_in_flight", "pipelined"), [(2, True), (1, False)])
@@ -309,7 +317,7 @@ async def test_next_pull_overlaps_the_publishing_batch(
     for i in range(48):
         fake_vod.add_event(sample_event(f"pipe-{i}"))
     settings = poller_settings(topic, max_batches_in_flight=batches_in_flight)
-    poller = Poller(vod_client, sink, settings, metrics)
+    poller = make_poller(vod_client, sink, settings, metrics, topic=topic)
     try:
         await run_until(poller, lambda: not fake_vod.pending_ids)
     finally:

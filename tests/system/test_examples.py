@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from conftest import Kafka, sample_event
 
 from bridge.config import ENV_VARS
-from bridge.delivery.kafka import Source, record_headers
+from bridge.delivery.records import Source, event_headers
 from bridge.vod.decode import decode_event
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ async def test_consumer_example_prints_each_event_once_and_commits(kafka: Kafka,
     try:
         for body, source in deliveries:
             event = decode_event(json.dumps(body).encode())
-            headers = record_headers(event, source=source, received_at=datetime.now(UTC))
+            headers = event_headers(event, source=source, received_at=datetime.now(UTC))
             await producer.send_and_wait(topic, event.value, key=event.key.encode(), headers=headers)
     finally:
         await producer.stop()

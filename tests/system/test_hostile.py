@@ -46,13 +46,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.app import create_app, runner_options
+from bridge.app import COMPONENTS, create_app, runner_options
 from bridge.config import SpoolSettings
 from bridge.errors import InvalidPayload
-from bridge.keys import FORWARDER_KEY, SINK_KEY
-from bridge.vod.decode import decode_event
+from bridge.vod.decode import decode_event, read_event
 from bridge.vod.event_types import EVENT_TYPES, TRANSPORT_FIELDS
-from bridge.vod.model import PullCompleteEvent, VodEvent
+from bridge.vod.model import PullCompleteEvent, Undecodable, VodEvent
 
 CALLBACK = "/vod/callback"
 MiB = 1024 * 1024
@@ -452,23 +451,25 @@ def random_bodies(seed: int, count: int) -> list[bytes]:
 
 
 @integration
-async def test_random_bodies_get_400_or_are_published(make_settings, make_client) -> None:
-    """~200 seeded random bodies: the answer is exactly what the decoder says (400 when it rejects, 200 when it
-    accepts), never a 5xx; a normal event is still published afterwards."""
+async def test_random_bodies_get_400_or_are_kept(make_settings, make_client) -> None:
+    """~200 seeded random bodies: the answer is exactly what the decoder says (400 when the body is not a JSON
+    object; 200 published or dead-lettered otherwise), never a 5xx; a normal event is still published afterwards."""
     client = await make_client(make_settings())
     content_types = ["application/json", "text/plain", "application/x-www-form-urlencoded", "", "multipart/x; b="]
-    outcomes = {200: 0, 400: 0}
+    outcomes = {"rejected": 0, "published": 0, "dead_lettered": 0}
     for i, body in enumerate(random_bodies(seed=20240613, count=200)):
-        expected = 400 if _rejected(body) else 200
+        expected = _expected_status(body)
         headers = {"Content-Type": content_types[i % len(content_types)]}
         response = await client.post(CALLBACK, data=body, headers=headers)
-        if expected == 400:
+        if expected is None:
             await assert_rejected(response, 400, "invalid_payload", context=body[:200])
+            outcomes["rejected"] += 1
         else:
             assert response.status == 200, (body[:200], await response.text())
-        outcomes[response.status] += 1
+            assert (await response.json())["status"] == expected, body[:200]
+            outcomes[expected] += 1
     print(f"random bodies: {outcomes}")
-    assert outcomes[400] > 100 and outcomes[200] > 5, "the corpus exercises both outcomes"
+    assert min(outcomes.values()) > 5 and outcomes["rejected"] > 100, "the corpus exercises every outcome"
     await assert_still_serves(client)
 
 
@@ -554,7 +555,7 @@ async def test_event_at_the_size_limit_does_not_block_the_spool(make_settings, m
     first = await client.post(CALLBACK, data=at_limit)
     print(f"at-limit event with a spool: {first.status} {await first.text()}")
     assert (await client.post(CALLBACK, json=sample_event("t-after"))).status == 200
-    forwarder = client.server.app[FORWARDER_KEY]
+    forwarder = client.server.app[COMPONENTS].forwarder
     assert forwarder is not None
     try:
         await wait_until(lambda: forwarder.depth == 0, timeout_s=2.5)
@@ -619,10 +620,26 @@ WRONG_TYPES = [
 
 
 @integration
-async def test_wrong_types_and_shapes_get_400(make_settings, make_client) -> None:
+async def test_wrong_types_and_shapes_are_kept_unless_not_an_object(
+    kafka: Kafka, make_settings, make_client, topic
+) -> None:
+    """Every JSON object reaches Kafka (its topic when a key is found, the dead-letter topic otherwise); only a
+    body that is not a JSON object gets a 400."""
     client = await make_client(make_settings())
+    kept = {"published": 0, "dead_lettered": 0}
     for body in WRONG_TYPES:
-        await assert_rejected(await client.post(CALLBACK, data=body), 400, "invalid_payload", context=body)
+        response = await client.post(CALLBACK, data=body)
+        expected = _expected_status(body)
+        if expected is None:
+            await assert_rejected(response, 400, "invalid_payload", context=body)
+            continue
+        assert response.status == 200, (body, await response.text())
+        assert (await response.json())["status"] == expected, body
+        kept[expected] += 1
+    assert kept["published"] >= 10 and kept["dead_lettered"] >= 5, kept
+    published = await read_records(kafka.bootstrap_servers, topic, count=kept["published"], settle_s=0.3)
+    letters = await read_records(kafka.bootstrap_servers, f"{topic}.dlq", count=kept["dead_lettered"], settle_s=0.3)
+    assert (len(published), len(letters)) == (kept["published"], kept["dead_lettered"])
     await assert_still_serves(client)
 
 
@@ -854,7 +871,7 @@ async def serve_like_cli(make_settings) -> AsyncIterator[Callable[..., Awaitable
         runners.append(runner)
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         host, port = runner.addresses[0][:2]
-        await wait_until(lambda: app[SINK_KEY].ready, timeout_s=15)
+        await wait_until(lambda: app[COMPONENTS].sink.ready, timeout_s=15)
         session = aiohttp.ClientSession()
         sessions.append(session)
         return Served(app, host, port, session)
@@ -1058,8 +1075,9 @@ def deflate_bomb(mebibytes: int) -> bytes:
 async def test_memory_stays_bounded_and_metrics_count_rejections(make_settings, make_client) -> None:
     """2000 hostile requests (one in ten heavy: 2 MiB bodies, gzip bombs, 100k-deep arrays, 500 KB strings; the
     rest small broken bodies, wrong methods and paths): every answer a 4xx,
-    peak RSS growth well under 100 MiB, the rejections visible in /metrics, and a normal event published after."""
-    client = await make_client(make_settings())
+    peak RSS growth well under 100 MiB, the rejections visible in /metrics, and a normal event published after.
+    With ``BRIDGE_CALLBACK_INVALID=reject``, so that JSON objects without a key are refused too."""
+    client = await make_client(make_settings(delivery_callback_invalid="reject"))
     rng = random.Random(7)
     huge = b"{" + b" " * (2 * MiB) + b"}"
     bomb = deflate_bomb(8)
@@ -1075,7 +1093,7 @@ async def test_memory_stays_bounded_and_metrics_count_rejections(make_settings, 
         ("POST", CALLBACK, b"", {}, 400),
         ("GET", CALLBACK, b"", {}, 405),
         ("POST", "/nope", b"{}", {}, 404),
-        *(("POST", CALLBACK, body, {}, 400) for body in WRONG_TYPES if body.strip()),
+        *(("POST", CALLBACK, body, {}, 400) for body in WRONG_TYPES if body.strip() and _rejected(body)),
         *(("POST", CALLBACK, body, {}, 400) for body in random_bodies(seed=99, count=400) if _rejected(body)),
     ]
 
@@ -1115,13 +1133,22 @@ async def test_memory_stays_bounded_and_metrics_count_rejections(make_settings, 
     }
     print(f"rejected by reason: {rejected}")
     assert sum(rejected.values()) >= 1500
-    assert {"malformed_json", "not_an_object", "wrong_type", "empty_body", "payload_too_large"} <= set(rejected)
+    assert {"malformed_json", "not_an_object", "missing_key", "empty_body", "payload_too_large"} <= set(rejected)
     await assert_still_serves(client)
 
 
 def _rejected(body: bytes) -> bool:
+    """True when the bridge answers 400 with ``BRIDGE_CALLBACK_INVALID=reject``: not a JSON object, or no key."""
     try:
-        decode_event(body)
+        return isinstance(read_event(body), Undecodable)
     except InvalidPayload:
         return True
-    return False
+
+
+def _expected_status(body: bytes) -> str | None:
+    """What the default policy answers: ``None`` for a 400 (not a JSON object), else the 200's ``status``."""
+    try:
+        item = read_event(body)
+    except InvalidPayload:
+        return None
+    return "dead_lettered" if isinstance(item, Undecodable) else "published"

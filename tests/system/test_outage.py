@@ -69,11 +69,11 @@ async def test_a_producer_whose_sender_died_is_replaced(kafka, make_settings, ma
     producer then never delivers again. The sink must notice, answer 503 meanwhile, and reconnect."""
     from conftest import wait_until
 
-    from bridge.keys import SINK_KEY
+    from bridge.app import COMPONENTS
 
     client = await make_client(make_settings())
     assert (await client.post("/vod/callback", json=sample_event("before"))).status == 200
-    sink = client.server.app[SINK_KEY]
+    sink = client.server.app[COMPONENTS].sink
     broken = sink._producer
     broken._sender.sender_task.cancel()  # the same end state as the crash: no sender routine any more
     await wait_until(broken._sender.sender_task.done, timeout_s=5)

@@ -1,4 +1,4 @@
-"""Unit tests of the sans-I/O event model: decoding, keys, losslessness, and every bad input's error."""
+"""Unit tests of the sans-I/O event model: decoding, keys, losslessness, and what each bad input becomes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from conftest import sample_bytes, sample_event
 
 from bridge.errors import InvalidPayload
-from bridge.vod.decode import content_key, decode_event
+from bridge.vod.decode import content_key, decode_event, read_event
 from bridge.vod.event_types import EVENT_TYPES
-from bridge.vod.model import MediaBasicInfo, PullCompleteEvent
+from bridge.vod.model import MediaBasicInfo, PullCompleteEvent, Undecodable, VodEvent
 
 
 def encode(obj: Any) -> bytes:
@@ -130,7 +130,8 @@ class TestKeys:
         assert bare.key == content_key(bare.value)
 
 
-BAD_INPUTS = [
+#: Not a JSON object: refused by the reader itself (a 400 for callbacks), so by the strict form too.
+NOT_AN_OBJECT = [
     (b"", "malformed_json"),
     (b"{", "malformed_json"),
     (b"not json", "malformed_json"),
@@ -139,40 +140,84 @@ BAD_INPUTS = [
     (b'{"a":' * 5000 + b"1" + b"}" * 5000, "too_deep"),
     (b"[1, 2]", "not_an_object"),
     (b'"PullComplete"', "not_an_object"),
-    (b"{}", "missing_eventtype"),
-    (b'{"EventType": null}', "missing_eventtype"),
-    (b'{"EventType": 7}', "wrong_type"),
+]
+
+#: JSON objects without a usable key: the reader returns them for the dead-letter topic, the strict form raises.
+UNDECODABLE = [
+    (b"{}", "unrecognised"),
+    (b'{"EventType": null}', "unrecognised"),
+    (b'{"EventType": 7}', "invalid_event_type"),
     (b'{"EventType": ""}', "invalid_event_type"),
     (b'{"EventType": "' + b"x" * 200 + b'"}', "invalid_event_type"),
-    (b'{"EventType": "PullComplete"}', "missing_payload"),
-    (b'{"EventType": "PullComplete", "PullCompleteEvent": null}', "missing_payload"),
-    (b'{"EventType": "PullComplete", "PullCompleteEvent": []}', "wrong_type"),
+    (b'{"EventType": "PullComplete"}', "no_payload"),
+    (b'{"EventType": "PullComplete", "PullCompleteEvent": null}', "no_payload"),
+    (b'{"EventType": "PullComplete", "PullCompleteEvent": []}', "no_payload"),
     (b'{"EventType": "PullComplete", "PullCompleteEvent": {}}', "missing_key"),
     (b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": ""}}', "missing_key"),
-    (b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": 5}}', "wrong_type"),
-    (b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "t", "ErrCode": "0"}}', "wrong_type"),
     (b'{"EventType": "FileDeleted", "FileDeleteEvent": {"FileIdSet": []}}', "missing_key"),
     (b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "' + b"t" * 5000 + b'"}}', "key_too_long"),
-    (b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "t"}, "EventHandle": 1}', "wrong_type"),
+]
+
+#: Bodies the strict decoder used to refuse (``wrong_type``) that are now published, with a fallback label.
+NOW_ACCEPTED = [
+    (
+        b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": 5}}',
+        "5",
+        ("payload_type_mismatch", "numeric_key"),
+    ),
+    (
+        b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "t", "ErrCode": "0"}}',
+        "t",
+        ("payload_type_mismatch",),
+    ),
+    (
+        b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "t"}, "EventHandle": 1}',
+        "t",
+        ("transport_field_unreadable",),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("body", "reason"), BAD_INPUTS)
-def test_bad_input_is_rejected_with_a_named_reason(body: bytes, reason: str) -> None:
+@pytest.mark.parametrize(("body", "reason"), NOT_AN_OBJECT)
+def test_what_is_not_a_json_object_is_refused_with_a_named_reason(body: bytes, reason: str) -> None:
+    for read in (read_event, decode_event):
+        with pytest.raises(InvalidPayload) as info:
+            read(body)
+        assert info.value.reason == reason
+        assert info.value.status == 400
+        assert info.value.message
+
+
+@pytest.mark.parametrize(("body", "reason"), UNDECODABLE)
+def test_an_object_without_a_key_is_a_dead_letter_with_a_named_reason(body: bytes, reason: str) -> None:
+    result = read_event(body)
+    assert isinstance(result, Undecodable)
+    assert result.reason == reason and result.message
+    assert msgspec.json.decode(result.value) == json.loads(body)
     with pytest.raises(InvalidPayload) as info:
         decode_event(body)
-    assert info.value.reason == reason
-    assert info.value.status == 400
-    assert info.value.message
+    assert (info.value.reason, info.value.message) == (reason, result.message)
 
 
-def test_wrong_type_names_the_json_path() -> None:
+@pytest.mark.parametrize(("body", "key", "fallbacks"), NOW_ACCEPTED)
+def test_schema_drift_is_published_and_labelled(body: bytes, key: str, fallbacks: tuple[str, ...]) -> None:
+    for read in (read_event, decode_event):
+        event = read(body)
+        assert isinstance(event, VodEvent)
+        assert (event.key, event.fallbacks) == (key, fallbacks)
+
+
+def test_a_wrong_type_deep_in_the_payload_publishes_it_untyped() -> None:
     body = sample_event("t")
     body["PullCompleteEvent"]["MediaBasicInfo"]["ClassId"] = "zero"
-    with pytest.raises(InvalidPayload, match=r"PullCompleteEvent: .*\$\.MediaBasicInfo\.ClassId"):
-        decode_event(encode(body))
+    event = read_event(encode(body))
+    assert isinstance(event, VodEvent)
+    assert (event.key, event.payload, event.fallbacks) == ("t", None, ("payload_type_mismatch",))
+    assert msgspec.json.decode(event.value) == body
 
 
-def test_unknown_type_with_an_absurd_task_id_is_keyed_by_hash() -> None:
-    event = decode_event(encode({"EventType": "Z", "ZEvent": {"TaskId": "t" * 5000}}))
-    assert event.key == content_key(event.value)
+def test_unknown_type_with_an_absurd_task_id_is_a_dead_letter() -> None:
+    # It used to be keyed by content hash; a key over MAX_KEY_LEN is now dead-lettered whatever the type.
+    result = read_event(encode({"EventType": "Z", "ZEvent": {"TaskId": "t" * 5000}}))
+    assert isinstance(result, Undecodable)
+    assert (result.reason, result.event_type) == ("key_too_long", "Z")

@@ -1,0 +1,247 @@
+"""The delivery path both sources share: de-duplicate, publish (or spool), dead-letter; return a typed outcome.
+
+A source hands over what it decoded (:class:`VodEvent`, or :class:`Undecodable` for a JSON object without a
+findable key) and turns the :data:`Outcome` into its transport's answer: an HTTP status for the callback, a
+ConfirmEvents (or not) for the poller. Every rule about spooling, de-duplication and dead letters lives here.
+
+The contract: an outcome for which :func:`delivered` is true means the record was acknowledged by Kafka (or,
+for callbacks with a spool, fsync'ed to it); only then may a source answer 2xx or confirm.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Final, Literal, Protocol
+
+import msgspec
+
+from bridge.delivery.dedup import DedupWindow
+from bridge.delivery.records import Source, event_headers, undecodable_headers
+from bridge.delivery.sink import Sink
+from bridge.errors import InvalidPayload, PublishFailed
+from bridge.ops.metrics import Metrics
+from bridge.vod.model import Undecodable, VodEvent
+
+logger = logging.getLogger(__name__)
+
+#: What to do with a callback body that is a JSON object but not a publishable event (no key found):
+#: publish it to the dead-letter topic (and answer 200), or refuse it with a 400 as earlier versions did.
+InvalidPolicy = Literal["dead-letter", "reject"]
+
+
+class Published(msgspec.Struct, frozen=True):
+    """Kafka acknowledged the event on its topic."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class Spooled(msgspec.Struct, frozen=True):
+    """The record is fsync'ed in the local spool; the forwarder will publish it."""
+
+    seq: int
+
+
+class Duplicate(msgspec.Struct, frozen=True):
+    """An identical event was already acknowledged within the de-duplication window; nothing was sent."""
+
+
+class DeadLettered(msgspec.Struct, frozen=True):
+    """Kafka acknowledged the body on the dead-letter topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+
+
+class Refused(msgspec.Struct, frozen=True):
+    """Not delivered on purpose (``BRIDGE_CALLBACK_INVALID=reject``): the sender gets the error."""
+
+    error: InvalidPayload
+
+
+class Failed(msgspec.Struct, frozen=True):
+    """Neither Kafka nor the spool acknowledged the record; the sender must retry (or VOD re-delivers)."""
+
+    error: PublishFailed
+
+
+Outcome = Published | Spooled | Duplicate | DeadLettered | Refused | Failed
+
+_DELIVERED: Final = (Published, Spooled, Duplicate, DeadLettered)
+
+
+def delivered(outcome: Outcome) -> bool:
+    """True when the record is durable (Kafka, or the spool): a source may now answer 2xx or confirm."""
+    return isinstance(outcome, _DELIVERED)
+
+
+class Spool(Protocol):
+    """The spool front the pipeline needs (:class:`bridge.delivery.forwarder.SpoolForwarder`)."""
+
+    @property
+    def depth(self) -> int: ...
+
+    async def store(self, event: VodEvent, *, source: Source, received_at: datetime) -> int: ...
+
+    async def store_dead_letter(
+        self, item: Undecodable, *, source: Source, received_at: datetime, topic: str
+    ) -> int: ...
+
+
+class Delivery:
+    """One delivery path for both sources.
+
+    ``topic_for`` maps an EventType to its topic. ``spool`` (optional, attached at start-up with
+    :meth:`use_spool`) takes callbacks that Kafka cannot acknowledge within ``spool_budget_s``; events from
+    the poller are never spooled, since VOD keeps unconfirmed events for four days and re-delivers them.
+    """
+
+    def __init__(
+        self,
+        sink: Sink,
+        metrics: Metrics,
+        *,
+        topic_for: Callable[[str], str],
+        dead_letter_topic: str,
+        invalid_callbacks: InvalidPolicy = "dead-letter",
+        dedup: DedupWindow | None = None,
+        spool_budget_s: float = 2.0,
+    ) -> None:
+        self._sink = sink
+        self._metrics = metrics
+        self._topic_for = topic_for
+        self._dead_letter_topic = dead_letter_topic
+        self._invalid_callbacks = invalid_callbacks
+        self._dedup = dedup
+        self._spool_budget_s = spool_budget_s
+        self._spool: Spool | None = None
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self._dead_letter_topic
+
+    def use_spool(self, spool: Spool | None) -> None:
+        """Attach (or detach) the spool; called by the app's start-up before any source runs."""
+        self._spool = spool
+
+    async def deliver(
+        self,
+        item: VodEvent | Undecodable,
+        *,
+        source: Source,
+        received_at: datetime,
+        trace_headers: Sequence[tuple[str, bytes]] = (),
+    ) -> Outcome:
+        """Deliver one decoded body. Never raises for a delivery problem: failures are a :class:`Failed`."""
+        if isinstance(item, Undecodable):
+            return await self._deliver_undecodable(item, source, received_at, trace_headers)
+        metrics = self._metrics
+        metrics.count_received(source, item.event_type)
+        for fallback in item.fallbacks:
+            metrics.fallbacks.labels(source, fallback).inc()
+        dedup = self._dedup
+        if dedup is not None:
+            earlier = dedup.lookup(item)
+            # A copy only spooled may still be lost with this disk; the poller must not let VOD forget it.
+            if earlier is not None and (earlier.in_kafka or source == "callback"):
+                metrics.duplicates.labels(source).inc()
+                return Duplicate()
+        outcome = await self._publish_or_spool(item, source, received_at, trace_headers)
+        if dedup is not None and isinstance(outcome, Published | Spooled):
+            dedup.record(item, in_kafka=isinstance(outcome, Published))
+        return outcome
+
+    async def _publish_or_spool(
+        self, event: VodEvent, source: Source, received_at: datetime, trace_headers: Sequence[tuple[str, bytes]]
+    ) -> Outcome:
+        """Kafka first (within the spool budget when there is a spool); the spool when Kafka cannot ack in time.
+
+        While older events wait in the spool, new ones queue behind them, so forwarding keeps arrival order.
+        """
+        spool = self._spool if source == "callback" else None
+        if spool is None or (spool.depth == 0 and self._sink.ready):
+            topic = self._topic_for(event.event_type)
+            headers = event_headers(event, source=source, received_at=received_at, extra=trace_headers)
+            try:
+                ack = await self._sink.send(
+                    topic,
+                    event.key.encode(),
+                    event.value,
+                    headers,
+                    timeout_s=None if spool is None else self._spool_budget_s,
+                )
+            except PublishFailed as exc:
+                self._count_failure(source, exc, event.event_type, event.key)
+                if spool is None or not exc.retriable:
+                    # Kafka will never take it (e.g. too large): spooling would only block the queue.
+                    return Failed(exc)
+                logger.info("kafka did not ack %s key=%s in time (%s); spooling it", event.event_type, event.key, exc)
+            else:
+                self._metrics.count_published(source, event.event_type)
+                return Published(ack.topic, ack.partition, ack.offset)
+        try:
+            seq = await spool.store(event, source=source, received_at=received_at)
+        except PublishFailed as exc:
+            self._count_failure(source, exc, event.event_type, event.key)
+            return Failed(exc)
+        return Spooled(seq)
+
+    async def _deliver_undecodable(
+        self, item: Undecodable, source: Source, received_at: datetime, trace_headers: Sequence[tuple[str, bytes]]
+    ) -> Outcome:
+        metrics = self._metrics
+        metrics.count_received(source, item.event_type or "")
+        if source == "callback" and self._invalid_callbacks == "reject":
+            # The source answers the refusal and counts it with its other rejections.
+            return Refused(InvalidPayload(item.message, reason=item.reason))
+        spool = self._spool if source == "callback" else None
+        if spool is None or (spool.depth == 0 and self._sink.ready):
+            headers = undecodable_headers(item, source=source, received_at=received_at, extra=trace_headers)
+            key = item.event_handle.encode() if item.event_handle is not None else None
+            try:
+                ack = await self._sink.send(
+                    self._dead_letter_topic,
+                    key,
+                    item.value,
+                    headers,
+                    timeout_s=None if spool is None else self._spool_budget_s,
+                )
+            except PublishFailed as exc:
+                self._count_failure(source, exc, item.event_type or "-", "-")
+                if spool is None or not exc.retriable:
+                    return Failed(exc)
+            else:
+                metrics.dead_lettered.labels(source, item.reason).inc()
+                logger.warning(
+                    "%s body without a usable key (%s: %s) sent to %s",
+                    source,
+                    item.reason,
+                    item.message,
+                    self._dead_letter_topic,
+                    extra={"reason": item.reason},
+                )
+                return DeadLettered(ack.topic, ack.partition, ack.offset, item.reason)
+        try:
+            seq = await spool.store_dead_letter(
+                item, source=source, received_at=received_at, topic=self._dead_letter_topic
+            )
+        except PublishFailed as exc:
+            self._count_failure(source, exc, item.event_type or "-", "-")
+            return Failed(exc)
+        return Spooled(seq)
+
+    def _count_failure(self, source: Source, exc: PublishFailed, event_type: str, key: str) -> None:
+        self._metrics.publish_failed.labels(source, exc.cause).inc()
+        logger.warning(
+            "%s %s key=%s not acked: %s",
+            source,
+            event_type,
+            key,
+            exc.message,
+            extra={"reason": exc.code, "key": key, "event_type": event_type},
+        )

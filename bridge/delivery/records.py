@@ -1,0 +1,102 @@
+"""The Kafka record contract (README "Record contract"): header names, and the headers of event and dead-letter
+records. Every module that writes or reads these headers takes the names from here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Final, Literal
+
+from bridge.timefmt import rfc3339_utc
+from bridge.vod.model import Undecodable, VodEvent
+
+#: Where an event came from: the normal callback (HTTP POST) or the reliable callback (PullEvents).
+Source = Literal["callback", "pull"]
+Headers = list[tuple[str, bytes]]
+
+EVENT_TYPE: Final = "event-type"
+SOURCE: Final = "source"
+RECEIVED_AT: Final = "received-at"
+CONTENT_TYPE: Final = "content-type"
+#: Only on records from the reliable (PullEvents) source.
+EVENT_HANDLE: Final = "event-handle"
+#: ``eventcontent`` (the API 3.0 ``EventContent`` envelope) or ``legacy-v2`` (the v2.0 callback envelope).
+EVENT_FORMAT: Final = "event-format"
+#: Dead-letter records: a bounded reason label, and the human-readable error.
+ERROR_REASON: Final = "error-reason"
+ERROR: Final = "error"
+#: Records re-published by ``vod-bridge redrive``: ``<topic>:<partition>:<offset>`` of the dead letter.
+REDRIVEN_FROM: Final = "redriven-from"
+
+CONTENT_TYPE_JSON: Final = b"application/json"
+#: Bound on the ``error`` header: enough to explain, never a payload dump.
+MAX_ERROR_BYTES: Final = 1000
+
+_SOURCE_BYTES: Final = {"callback": b"callback", "pull": b"pull"}
+_FORMAT_BYTES: Final = {"eventcontent": b"eventcontent", "legacy-v2": b"legacy-v2"}
+
+
+def event_headers(
+    event: VodEvent, *, source: Source, received_at: datetime, extra: Sequence[tuple[str, bytes]] = ()
+) -> Headers:
+    """The headers of an event record on its main topic."""
+    headers = [
+        (EVENT_TYPE, event.event_type.encode()),
+        (SOURCE, _SOURCE_BYTES[source]),
+        (RECEIVED_AT, rfc3339_utc(received_at).encode()),
+        (CONTENT_TYPE, CONTENT_TYPE_JSON),
+        (EVENT_FORMAT, _FORMAT_BYTES[event.format]),
+    ]
+    if event.event_handle is not None:
+        headers.append((EVENT_HANDLE, event.event_handle.encode()))
+    headers.extend(extra)
+    return headers
+
+
+def dead_letter_headers(
+    *,
+    source: Source,
+    received_at: datetime,
+    reason: str,
+    error: str,
+    event_type: str | None = None,
+    event_handle: str | None = None,
+    extra: Sequence[tuple[str, bytes]] = (),
+) -> Headers:
+    """The headers of a dead-letter record: where and when it came from, and why it is not on the main topic."""
+    headers = [
+        (SOURCE, _SOURCE_BYTES[source]),
+        (RECEIVED_AT, rfc3339_utc(received_at).encode()),
+        (CONTENT_TYPE, CONTENT_TYPE_JSON),
+        (ERROR_REASON, reason.encode()),
+        (ERROR, error.encode()[:MAX_ERROR_BYTES]),
+    ]
+    if event_type is not None:
+        headers.append((EVENT_TYPE, event_type.encode()))
+    if event_handle is not None:
+        headers.append((EVENT_HANDLE, event_handle.encode()))
+    headers.extend(extra)
+    return headers
+
+
+def undecodable_headers(
+    item: Undecodable, *, source: Source, received_at: datetime, extra: Sequence[tuple[str, bytes]] = ()
+) -> Headers:
+    """The headers of the dead-letter record of a body without a usable key."""
+    return dead_letter_headers(
+        source=source,
+        received_at=received_at,
+        reason=item.reason,
+        error=item.message,
+        event_type=item.event_type,
+        event_handle=item.event_handle,
+        extra=extra,
+    )
+
+
+def header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str | None:
+    """The first value of header ``name`` as text (``None`` when absent)."""
+    for key, value in headers or ():
+        if key == name:
+            return value.decode(errors="replace")
+    return None
