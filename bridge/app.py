@@ -8,7 +8,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,15 @@ class Components:
     #: Set once the spool is open (start-up), when ``BRIDGE_SPOOL_DIR`` is set.
     forwarder: SpoolForwarder | None = None
     poller: Poller | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Loop time by which the poller and the forwarder must have finished, set when shutdown begins: they
+    #: stop alongside the draining HTTP handlers, and the producer's bounded flush comes after.
+    shutdown_deadline: float | None = None
+
+    def time_left_s(self) -> float:
+        """Seconds until ``shutdown_deadline`` (the whole shutdown timeout before shutdown began)."""
+        if self.shutdown_deadline is None:
+            return self.settings.http.shutdown_timeout_s
+        return max(0.0, self.shutdown_deadline - asyncio.get_running_loop().time())
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -79,7 +87,7 @@ def create_app(
         )
     metrics = metrics or Metrics()
     http, delivery_settings = settings.http, settings.delivery
-    sink = KafkaSink(settings.kafka, metrics, max_record_bytes=http.max_body_bytes)
+    sink = KafkaSink(settings.kafka, metrics, max_record_bytes=http.max_body_bytes, on_fatal=on_fatal)
     dedup = (
         DedupWindow(delivery_settings.dedup_window_s, delivery_settings.dedup_max_entries)
         if delivery_settings.dedup_window_s > 0
@@ -143,6 +151,8 @@ def _kafka_sink_ctx(c: Components, on_fatal: FatalHandler) -> Callable[[web.Appl
         connecting.cancel()
         with contextlib.suppress(asyncio.CancelledError, BridgeError):
             await connecting
+        # Bounded by the publish timeout whatever Kafka does; what it gives up on is logged and makes the
+        # process exit non-zero (bridge.cli).
         await c.sink.close()
 
     return kafka_sink
@@ -172,12 +182,7 @@ def _poller_ctx(
         poller.stop()
         try:
             # The current batch is published and confirmed before the producer closes (it closes after us).
-            await asyncio.wait_for(asyncio.shield(task), timeout=settings.http.shutdown_timeout_s)
-        except TimeoutError:
-            logger.warning("poller did not finish within %.0fs; cancelling it", settings.http.shutdown_timeout_s)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _finish(task, "poller", c.time_left_s())
         finally:
             await session.close()
 
@@ -206,18 +211,30 @@ def _spool_ctx(
         task.add_done_callback(lambda task: _report_failure(task, on_fatal))
         yield
         forwarder.stop()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # What it has not forwarded stays in the spool, committed only after Kafka's ack: safe to cut short.
+        await _finish(task, "spool forwarder", c.time_left_s())
         c.delivery.use_spool(None)
         await async_spool.close()
 
     return spool
 
 
+async def _finish(task: asyncio.Task[None], name: str, timeout_s: float) -> None:
+    """Wait for a stopping background task at most ``timeout_s``, then cancel it."""
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout=timeout_s)
+    except TimeoutError:
+        logger.warning("%s did not finish within the shutdown timeout; cancelling it", name)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _stop_background(app: web.Application) -> None:
     # on_shutdown runs before in-flight handlers finish: whatever they still spool stays on disk (the spool
     # closes only in cleanup) and is forwarded at the next start. The poller finishes its current batch.
     c = app[COMPONENTS]
+    c.shutdown_deadline = asyncio.get_running_loop().time() + c.settings.http.shutdown_timeout_s
     if c.forwarder is not None:
         c.forwarder.stop()
     if c.poller is not None:

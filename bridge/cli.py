@@ -25,7 +25,7 @@ import msgspec
 from aiohttp import web
 
 from bridge import __version__
-from bridge.app import create_app, freeze_gc, runner_options
+from bridge.app import COMPONENTS, create_app, freeze_gc, runner_options
 from bridge.config import ENV_VARS, EventLoop, Settings, load_settings
 from bridge.delivery.spool import check_no_stranded
 from bridge.errors import BridgeError, ConfigError
@@ -45,6 +45,7 @@ from bridge.ops.redrive import (
 from bridge.ops.schema import build_schemas, render, write_schemas
 from bridge.ops.tail import tail
 from bridge.ops.workers import run_workers
+from bridge.sources.poller import check_window
 from bridge.vod.api import Credentials
 from bridge.vod.signing import expected_sign
 
@@ -145,6 +146,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         credentials = Credentials.from_env(env) if settings.poller.enabled else None
         # Before the app opens the spool: spools this worker count would never open must not be stranded.
         check_no_stranded(settings.spool.dir, settings.workers)
+        if settings.poller.enabled:
+            # A confirm must still fit VOD's 30 s window after the slowest pull and publish.
+            check_window(settings.kafka.publish_timeout_s, settings.poller.request_timeout_s)
     except ConfigError as exc:
         print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
@@ -175,6 +179,7 @@ def serve(
         signal.raise_signal(signal.SIGTERM)
 
     app = create_app(settings, credentials=credentials, on_fatal=on_fatal)
+    sink = app[COMPONENTS].sink
     app.on_startup.append(freeze_gc)
     for ctx in extra_cleanup:
         app.cleanup_ctx.append(ctx)
@@ -202,6 +207,9 @@ def serve(
         logger.critical("failed: %s", exc)
         return EXIT_FAILED
     if failures:
+        return EXIT_FAILED
+    if sink.abandoned:
+        logger.error("vod-bridge stopped with %d records Kafka never acknowledged", sink.abandoned)
         return EXIT_FAILED
     logger.info("vod-bridge stopped cleanly")
     return EXIT_OK

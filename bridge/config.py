@@ -55,6 +55,9 @@ class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
     ssl_cafile: str | None = None
     #: Bound on publishes waiting for an ack at once; beyond it callbacks get 503 + Retry-After.
     max_in_flight: int = 1000
+    #: A producer whose sender died is replaced; after this many failed connection attempts the process
+    #: exits non-zero so that its orchestrator restarts it.
+    replace_max_attempts: int = 10
 
     def __repr__(self) -> str:
         return _masked_repr(self, ("sasl_password",))
@@ -80,6 +83,8 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     sign_key: str | None = None
     #: How far past its expiry T a signed callback is still accepted (clock differences).
     sign_skew_s: float = 60.0
+    #: How far ahead of now a signed callback's T may lie (plus sign_skew_s); VOD's default expiry is 600 s.
+    sign_max_ttl_s: float = 600.0
     #: When set, callbacks must carry it as ``?token=...`` or as a last path segment.
     token: str | None = None
     #: Source addresses allowed to post callbacks (CIDRs); empty allows all.
@@ -218,6 +223,11 @@ ENV_VARS: Final = (
         "kafka.max_in_flight",
         "publishes awaiting an ack at once; beyond it 503 + `Retry-After: 1`",
     ),
+    EnvVar(
+        "BRIDGE_KAFKA_REPLACE_MAX_ATTEMPTS",
+        "kafka.replace_max_attempts",
+        "failed attempts to replace a producer whose sender died before the process exits (code 3)",
+    ),
     # HTTP: the callback source (bridge.sources.callback) and the server.
     EnvVar("BRIDGE_HTTP_HOST", "http.host", "listen address", flag=True),
     EnvVar("BRIDGE_HTTP_PORT", "http.port", "listen port", flag=True),
@@ -246,6 +256,11 @@ ENV_VARS: Final = (
         secret=True,
     ),
     EnvVar("BRIDGE_CALLBACK_SIGN_SKEW_S", "http.sign_skew_s", "how long after its expiry `T` a callback is accepted"),
+    EnvVar(
+        "BRIDGE_CALLBACK_SIGN_MAX_TTL_S",
+        "http.sign_max_ttl_s",
+        "how far in the future `T` may lie (plus the skew); VOD's default expiry is 600 s",
+    ),
     EnvVar(
         "BRIDGE_CALLBACK_TOKEN",
         "http.token",
@@ -438,6 +453,7 @@ def _validate(settings: Settings) -> None:
         (kafka.linger_ms >= 0, "BRIDGE_KAFKA_LINGER_MS: must be >= 0"),
         (kafka.max_batch_bytes >= 1024, "BRIDGE_KAFKA_MAX_BATCH_BYTES: must be >= 1024"),
         (kafka.max_in_flight >= 1, "BRIDGE_KAFKA_MAX_IN_FLIGHT: must be >= 1"),
+        (kafka.replace_max_attempts >= 1, "BRIDGE_KAFKA_REPLACE_MAX_ATTEMPTS: must be >= 1"),
         (
             kafka.sasl_mechanism is None or kafka.security_protocol.startswith("SASL"),
             "BRIDGE_KAFKA_SASL_MECHANISM: needs BRIDGE_KAFKA_SECURITY_PROTOCOL SASL_PLAINTEXT or SASL_SSL",
@@ -481,6 +497,7 @@ def _validate(settings: Settings) -> None:
     ]
     checks += [
         (http.sign_skew_s >= 0, "BRIDGE_CALLBACK_SIGN_SKEW_S: must be >= 0"),
+        (http.sign_max_ttl_s > 0, "BRIDGE_CALLBACK_SIGN_MAX_TTL_S: must be > 0"),
         (
             http.sign_key is None or (0 < len(http.sign_key) <= 64 and http.sign_key.isalnum()),
             "BRIDGE_CALLBACK_SIGN_KEY: VOD sign keys are letters and digits",

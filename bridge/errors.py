@@ -70,7 +70,7 @@ class AuthFailed(Unauthorized):
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
-        #: Bounded label for metrics: missing_signature, bad_signature, expired, bad_token.
+        #: Bounded label for metrics: missing_signature, bad_signature, expired, t_too_far_ahead, bad_token.
         self.reason = reason
 
 

@@ -1,9 +1,19 @@
 """Shared fixtures. The broker is real: ``KAFKA_BOOTSTRAP_SERVERS`` if set, else testcontainers' Kafka when a
-Docker engine answers, else the embedded tansu broker (no Docker needed)."""
+Docker engine answers, else the embedded brokers named by ``BRIDGE_TEST_BROKERS`` (no Docker needed).
+
+Embedded brokers: ``tansu`` (bridge/ops/embedded.py; refuses the idempotent producer) and ``mock``
+(librdkafka's mock cluster, tests/mockcluster.py; accepts it, so the production default is exercised).
+``BRIDGE_TEST_BROKERS`` is a comma list of them, default ``tansu,mock``. A test marked
+``@pytest.mark.producer`` runs once on each selected embedded broker (ids ``[tansu]``, ``[mock]``), through
+the ``kafka`` fixture or a broker of its own (``own_broker``); every other test talks to the first one only.
+Each shared broker is started on first use, once per session.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -12,18 +22,25 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer
+from mockcluster import MockCluster
 
 from bridge.app import COMPONENTS, create_app, runner_options
 from bridge.config import DeliverySettings, HttpSettings, KafkaSettings, Settings
 from bridge.ops.embedded import EmbeddedBroker
 
+if TYPE_CHECKING:
+    from faultkit import OwnBroker
+
 SAMPLES = Path(__file__).resolve().parent.parent / "bridge" / "samples"
+
+#: The embedded brokers BRIDGE_TEST_BROKERS may name, in their default order.
+EMBEDDED_BROKERS = ("tansu", "mock")
 
 
 @dataclass(frozen=True)
@@ -31,8 +48,30 @@ class Kafka:
     bootstrap_servers: str
     #: "external", "testcontainers" or "embedded"
     kind: str
-    #: tansu refuses aiokafka's InitProducerId, so idempotence is only used against real Kafka.
+    #: tansu refuses aiokafka's InitProducerId, so idempotence is off against it; on everywhere else.
     supports_idempotence: bool
+    #: Which embedded broker ("tansu" or "mock"); "" for a real Kafka.
+    embedded: str = ""
+
+
+def selected_brokers() -> list[str]:
+    """The embedded brokers of ``BRIDGE_TEST_BROKERS`` (default: all), in the order given, first = default."""
+    raw = os.environ.get("BRIDGE_TEST_BROKERS", ",".join(EMBEDDED_BROKERS))
+    names = list(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
+    unknown = [name for name in names if name not in EMBEDDED_BROKERS]
+    if unknown or not names:
+        raise pytest.UsageError(f"BRIDGE_TEST_BROKERS={raw!r}: expected a comma list of {', '.join(EMBEDDED_BROKERS)}")
+    return names
+
+
+@functools.cache
+def kafka_source() -> str:
+    """Where the shared broker comes from: "external", "testcontainers" or "embedded" (decided once)."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        return "external"
+    if _docker_answers():
+        return "testcontainers"
+    return "embedded"
 
 
 def _docker_answers(timeout_s: float = 2.0) -> bool:
@@ -57,6 +96,67 @@ def _docker_answers(timeout_s: float = 2.0) -> bool:
         return False
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    selected_brokers()  # a wrong BRIDGE_TEST_BROKERS stops the run before any test, not at its first use
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.producer``: run the test once per selected embedded broker.
+
+    The parameter goes to ``kafka`` (only when the shared broker is embedded: a real Kafka is one broker) and to
+    ``own_broker``, whichever the test uses, directly or through another fixture (``make_settings``).
+    """
+    if metafunc.definition.get_closest_marker("producer") is None:
+        return
+    argnames = [
+        name
+        for name in ("kafka", "own_broker")
+        if name in metafunc.fixturenames and (name == "own_broker" or kafka_source() == "embedded")
+    ]
+    if argnames:
+        names = selected_brokers()
+        metafunc.parametrize(argnames, [[name] * len(argnames) for name in names], indirect=True, ids=names)
+
+
+class SessionBrokers:
+    """The brokers the ``kafka`` fixture hands out: each started on first use, all stopped at session end."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, Kafka] = {}
+        self._stack = contextlib.ExitStack()
+
+    def get(self, name: str) -> Kafka:
+        if name not in self._started:
+            self._started[name] = self._start(name)
+        return self._started[name]
+
+    def _start(self, name: str) -> Kafka:
+        if name == "external":
+            return Kafka(os.environ["KAFKA_BOOTSTRAP_SERVERS"], "external", supports_idempotence=True)
+        if name == "testcontainers":
+            from testcontainers.kafka import KafkaContainer
+
+            container = self._stack.enter_context(KafkaContainer().with_kraft())
+            return Kafka(container.get_bootstrap_server(), "testcontainers", supports_idempotence=True)
+        if name == "tansu":
+            tansu = self._stack.enter_context(EmbeddedBroker())
+            return Kafka(tansu.bootstrap_servers, "embedded", supports_idempotence=False, embedded="tansu")
+        if name == "mock":
+            cluster = self._stack.enter_context(MockCluster())
+            return Kafka(cluster.bootstrap_servers, "embedded", MockCluster.supports_idempotence, embedded="mock")
+        raise ValueError(f"unknown broker {name!r}")
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@pytest.fixture(scope="session")
+def session_brokers() -> Iterator[SessionBrokers]:
+    brokers = SessionBrokers()
+    yield brokers
+    brokers.close()
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """``bridge.cli.main`` configures the root logger for its process; in-process CLI tests must not leave that
@@ -70,18 +170,25 @@ def _restore_logging() -> Iterator[None]:
     logging.getLogger("aiokafka").setLevel(kafka_level)
 
 
-@pytest.fixture(scope="session")
-def kafka() -> Iterator[Kafka]:
-    if servers := os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield Kafka(servers, "external", supports_idempotence=True)
-    elif _docker_answers():
-        from testcontainers.kafka import KafkaContainer
+@pytest.fixture
+def kafka(request: pytest.FixtureRequest, session_brokers: SessionBrokers) -> Kafka:
+    """The shared broker: the real Kafka, or the embedded broker of this test's parameter
+    (``@pytest.mark.producer``), else the first of ``BRIDGE_TEST_BROKERS``."""
+    if (source := kafka_source()) != "embedded":
+        return session_brokers.get(source)
+    return session_brokers.get(getattr(request, "param", selected_brokers()[0]))
 
-        with KafkaContainer().with_kraft() as container:
-            yield Kafka(container.get_bootstrap_server(), "testcontainers", supports_idempotence=True)
-    else:
-        with EmbeddedBroker() as broker:
-            yield Kafka(broker.bootstrap_servers, "embedded", supports_idempotence=False)
+
+@pytest.fixture
+def own_broker(request: pytest.FixtureRequest) -> Iterator[OwnBroker]:
+    """A started embedded broker of this test's own, which it may take away and bring back (``faultkit.OwnBroker``):
+    the test's parameter (``@pytest.mark.producer``), else the first of ``BRIDGE_TEST_BROKERS``."""
+    from faultkit import OwnBroker  # faultkit imports this module
+
+    broker = OwnBroker(getattr(request, "param", selected_brokers()[0]))
+    broker.start()
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture

@@ -136,6 +136,8 @@ class _Fault:
     message: str
     http_status: int = 200
     raw_body: bytes | None = None
+    #: Only a call of this action takes the fault; None: the next call of any action.
+    action: str | None = None
 
 
 @dataclass
@@ -151,7 +153,8 @@ class RecordedRequest:
 class FakeVod:
     """In-memory VOD event queue behind a real HTTP server on ``127.0.0.1`` (random port).
 
-    Observable state: ``pulls`` (PullEvents calls that were answered with an ``EventSet``), ``deliveries``
+    Observable state: ``pulls`` (PullEvents calls that were answered with an ``EventSet``), ``pulls_received``
+    (PullEvents calls that reached the queue, answered or still held; :meth:`wait_for_pulls`), ``deliveries``
     (``event_id`` -> times handed out), ``confirmed`` (``(handle, event_id, monotonic time)``),
     ``rejected_confirms`` (handles that were expired, unknown or already used), ``requests``
     (:class:`RecordedRequest` for every signed request) and ``last_authorization``.
@@ -172,6 +175,7 @@ class FakeVod:
         visibility_timeout_s: float = 30.0,
         max_events_per_pull: int = 16,
         pull_delay_s: float = 0.0,
+        answer_delay_s: float = 0.0,
         strict_confirms: bool = True,
         max_skew_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
@@ -183,11 +187,15 @@ class FakeVod:
         self.max_events_per_pull = max_events_per_pull
         #: Long poll: when nothing is visible, PullEvents waits up to this long for an event.
         self.pull_delay_s = pull_delay_s
+        #: A PullEvents answer leaves this long after its events were handed out, their windows already running
+        #: (a slow network, a large answer).
+        self.answer_delay_s = answer_delay_s
         self.strict_confirms = strict_confirms
         self.max_skew_s = max_skew_s
         self._clock = clock
 
         self.pulls = 0
+        self.pulls_received = 0
         self.deliveries: dict[str, int] = {}
         self.confirmed: list[tuple[str, str, float]] = []
         self.rejected_confirms: list[str] = []
@@ -199,6 +207,7 @@ class FakeVod:
         self._faults: list[_Fault] = []
         self._ids = itertools.count(1)
         self._wakeup = asyncio.Event()
+        self._pull_arrived = asyncio.Event()
         self._closing = False
         self._runner: web.AppRunner | None = None
         self.endpoint = ""
@@ -234,9 +243,12 @@ class FakeVod:
         self._wake()
         return event_id
 
-    def fail_next(self, n: int, code: str = "InternalError", message: str | None = None) -> None:
-        """Answer the next ``n`` signed API calls with ``Response.Error.Code = code`` (HTTP 200)."""
-        self._faults.extend(_Fault(code, message or f"injected {code}") for _ in range(n))
+    def fail_next(
+        self, n: int, code: str = "InternalError", message: str | None = None, *, action: str | None = None
+    ) -> None:
+        """Answer the next ``n`` signed API calls (of ``action`` only, if given) with ``Response.Error.Code = code``
+        (HTTP 200)."""
+        self._faults.extend(_Fault(code, message or f"injected {code}", action=action) for _ in range(n))
 
     def fail_next_http(self, n: int, status: int = 502, body: bytes = b"<html>bad gateway</html>") -> None:
         """Answer the next ``n`` requests with raw HTTP ``status``/``body`` (200 + junk = unparseable)."""
@@ -246,6 +258,13 @@ class FakeVod:
     def pending_ids(self) -> list[str]:
         """Ids of events not confirmed yet (visible or in flight)."""
         return list(self._events)
+
+    async def wait_for_pulls(self, count: int, *, timeout_s: float = 10.0) -> None:
+        """Return once ``pulls_received >= count``: that many PullEvents calls reached the queue (the last may
+        still be held in its long poll). Raises ``TimeoutError`` after ``timeout_s``."""
+        async with asyncio.timeout(timeout_s):
+            while self.pulls_received < count:
+                await self._pull_arrived.wait()
 
     # -- HTTP ------------------------------------------------------------------------------------------------
 
@@ -296,8 +315,9 @@ class FakeVod:
         if not isinstance(params, dict):
             return self._answer(action, {}, headers, self._error("InvalidParameter", "Body is not a JSON object."))
 
-        if self._faults:
-            fault = self._faults.pop(0)
+        fault = next((f for f in self._faults if f.action in (None, action)), None)
+        if fault is not None:
+            self._faults.remove(fault)
             if fault.raw_body is not None:
                 self.requests.append(RecordedRequest(action, params, f"HTTP {fault.http_status}", headers))
                 return web.Response(status=fault.http_status, body=fault.raw_body, content_type="text/html")
@@ -315,6 +335,9 @@ class FakeVod:
         return [e for e in self._events.values() if e.invisible_until <= now]
 
     async def _pull_events(self) -> dict[str, Any]:
+        self.pulls_received += 1
+        self._pull_arrived.set()
+        self._pull_arrived = asyncio.Event()
         deadline = self._clock() + self.pull_delay_s
         visible = self._visible(self._clock())
         while not visible and not self._closing:
@@ -338,6 +361,8 @@ class FakeVod:
             self._handles[handle] = (event.event_id, event.invisible_until)
             self.deliveries[event.event_id] = self.deliveries.get(event.event_id, 0) + 1
             event_set.append({"EventHandle": handle, **event.content})
+        if self.answer_delay_s > 0 and not self._closing:
+            await asyncio.sleep(self.answer_delay_s)
         self.pulls += 1
         return {"EventSet": event_set}
 

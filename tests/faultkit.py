@@ -17,8 +17,9 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import IncompatibleBrokerVersion, TopicAlreadyExistsError
 from conftest import sample_event
+from mockcluster import MockCluster
 
 from bridge.ops.embedded import EmbeddedBroker, broker_binary, free_port
 
@@ -204,14 +205,81 @@ class Witness:
 
 
 async def create_topic(bootstrap_servers: str, topic: str, partitions: int = 4) -> None:
-    """tansu is in memory: after a restart the topic must be created again (a real Kafka keeps it)."""
+    """Create the topic, if the broker has the admin API; otherwise it creates topics on first use by itself.
+
+    tansu is in memory: after a restart the topic must be created again (a real Kafka keeps it). librdkafka's
+    mock cluster has no CreateTopics and names no controller in its metadata (admin requests go to the
+    controller); it creates a topic on first use, with 4 partitions whatever ``partitions`` says.
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
-        with contextlib.suppress(TopicAlreadyExistsError):
+        cluster = await admin.describe_cluster()
+        if cluster["controller_id"] not in {broker["node_id"] for broker in cluster["brokers"]}:
+            return
+        with contextlib.suppress(TopicAlreadyExistsError, IncompatibleBrokerVersion):
             await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
     finally:
         await admin.close()
+
+
+class OwnBroker:
+    """An embedded broker one test owns (``tansu`` or ``mock``), which it may take away and bring back.
+
+    :meth:`take_away` makes Kafka unavailable at the same address, :meth:`bring_back` available again:
+
+    - tansu is stopped (its port refuses connections) and started again on that port; it keeps nothing in
+      memory, so the records are gone (``keeps_records`` is false) and ``bring_back`` creates the topics again;
+    - the mock cluster cannot listen on a chosen port, so it is paused (SIGSTOP: connections stay open and
+      nothing answers, as behind a firewall that drops packets) and resumed with every record; it then handles
+      the requests it was sent meanwhile, so a publish that timed out (503) may still be appended.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.broker: EmbeddedBroker | MockCluster
+        if name == "tansu":
+            self.broker = EmbeddedBroker()
+        elif name == "mock":
+            self.broker = MockCluster()
+        else:
+            raise ValueError(f"unknown embedded broker {name!r}")
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.broker.bootstrap_servers
+
+    @property
+    def supports_idempotence(self) -> bool:
+        """tansu refuses the idempotent producer's InitProducerId; the mock cluster accepts it."""
+        return isinstance(self.broker, MockCluster)
+
+    @property
+    def keeps_records(self) -> bool:
+        """Whether records acked before :meth:`take_away` are still there after :meth:`bring_back`."""
+        return isinstance(self.broker, MockCluster)
+
+    def start(self) -> None:
+        self.broker.start()
+
+    def stop(self) -> None:
+        self.broker.stop()
+
+    def take_away(self) -> None:
+        if isinstance(self.broker, MockCluster):
+            self.broker.pause()
+        else:
+            self.broker.stop()
+
+    async def bring_back(self, *topics: str) -> None:
+        """Kafka answers again at the same address, with ``topics`` (tansu forgot them; see :func:`create_topic_on`
+        for the race a client reaching tansu before its topic exists runs into)."""
+        if isinstance(self.broker, MockCluster):
+            self.broker.resume()
+            return
+        self.broker.start()
+        for topic in topics:
+            await create_topic(self.broker.bootstrap_servers, topic)
 
 
 def create_topic_on(broker: EmbeddedBroker, topic: str, partitions: int = 4) -> None:

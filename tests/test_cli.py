@@ -32,6 +32,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             process.wait()
 
 
+@pytest.mark.producer
 async def test_serve_publishes_then_drains_in_flight_on_sigterm(
     kafka: Kafka, topic: str, tmp_path: Path, processes
 ) -> None:
@@ -78,6 +79,8 @@ async def test_serve_publishes_then_drains_in_flight_on_sigterm(
 
 
 async def test_idempotent_producer_on_tansu_fails_start_with_clear_error(tmp_path: Path, processes) -> None:
+    """tansu only, whatever BRIDGE_TEST_BROKERS says: it is the broker that refuses InitProducerId (the mock
+    cluster accepts it), and that refusal is what must end the start with exit code 3."""
     with EmbeddedBroker() as broker:
         log = tmp_path / "bridge.log"
         env = bridge_env(

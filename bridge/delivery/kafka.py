@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -16,7 +17,7 @@ from bridge.config import KafkaSettings
 from bridge.delivery.partitioner import partition_for
 from bridge.delivery.records import Headers
 from bridge.delivery.sink import Ack
-from bridge.errors import ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
+from bridge.errors import BridgeError, ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
 from bridge.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ class IdempotenceUnsupported(ConfigError):
     """The broker rejected the idempotent producer's InitProducerId request."""
 
 
+class ProducerUnavailable(BridgeError):
+    """A producer whose sender died could not be replaced within the configured attempts: the process should
+    be restarted (by its orchestrator) rather than answer 503 for ever."""
+
+
 def _sender_died(producer: AIOKafkaProducer) -> bool:
     """True when the producer's background sender has ended: it will never deliver again."""
     sender = getattr(producer, "_sender", None)  # aiokafka keeps no public handle on it
@@ -60,13 +66,26 @@ class KafkaSink:
     and with :class:`PublishFailed` when no ack arrives within ``publish_timeout_s``.
     """
 
-    def __init__(self, settings: KafkaSettings, metrics: Metrics, *, max_record_bytes: int = 1024 * 1024) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        metrics: Metrics,
+        *,
+        max_record_bytes: int = 1024 * 1024,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._max_request_bytes = max_record_bytes + 64 * 1024
         self._metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._replacing: asyncio.Task[None] | None = None
         self._in_flight = 0
+        #: Delivery futures of records handed to the producer and not yet acknowledged or failed; what is left
+        #: of them when a bounded close gives up is counted in ``abandoned``.
+        self._unacked: set[asyncio.Future[Any]] = set()
+        #: Records the producer still held, unacknowledged, when :meth:`close` gave up waiting for them.
+        self.abandoned = 0
+        self._on_fatal = on_fatal
         metrics.in_flight.set_function(lambda: self._in_flight)
 
     @property
@@ -95,11 +114,14 @@ class KafkaSink:
         }
         return AIOKafkaProducer(**kwargs)
 
-    async def connect(self, *, retry_delay_s: float = 0.5, max_retry_delay_s: float = 10.0) -> None:
-        """Start the producer, retrying connection errors forever with jittered backoff.
+    async def connect(
+        self, *, retry_delay_s: float = 0.5, max_retry_delay_s: float = 10.0, max_attempts: int | None = None
+    ) -> None:
+        """Start the producer, retrying connection errors with jittered backoff (for ever by default).
 
         Raises :class:`IdempotenceUnsupported` at once if the broker refuses the idempotent producer, since
-        retrying cannot help there.
+        retrying cannot help there, and :class:`ProducerUnavailable` after ``max_attempts`` failed attempts.
+        Cancelling it closes the producer being started, within a bound.
         """
         attempt = 0
         backoff = Backoff(retry_delay_s, max_retry_delay_s)
@@ -108,8 +130,17 @@ class KafkaSink:
             producer = self._make_producer()
             try:
                 await producer.start()
+            except asyncio.CancelledError:
+                # Shutdown while connecting: do not leave its connections and tasks behind, nor wait for them.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(producer.stop()), timeout=1.0)
+                raise
             except KafkaConnectionError as exc:
                 await producer.stop()
+                if max_attempts is not None and attempt >= max_attempts:
+                    raise ProducerUnavailable(
+                        f"kafka not reachable at {self._settings.bootstrap_servers} after {attempt} attempts: {exc}"
+                    ) from None
                 delay_s = backoff.next_delay_s()
                 logger.warning(
                     "kafka not reachable at %s (attempt %d): %s; retrying in %.1fs",
@@ -137,17 +168,40 @@ class KafkaSink:
             )
             return
 
-    async def close(self) -> None:
-        """Flush every buffered record and close the producer."""
+    async def close(self, *, flush_timeout_s: float | None = None) -> int:
+        """Flush buffered records and close the producer, within ``flush_timeout_s`` (default: the publish
+        timeout) whatever Kafka does. Returns how many records were abandoned unacknowledged (also kept in
+        ``abandoned``); no caller was told any of them was delivered."""
         if self._replacing is not None:
             self._replacing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._replacing
         producer, self._producer = self._producer, None
         self._metrics.kafka_connected.set(0)
-        if producer is not None:
-            await producer.stop()
+        if producer is None:
+            return 0
+        timeout_s = self._settings.publish_timeout_s if flush_timeout_s is None else flush_timeout_s
+        stopping = asyncio.ensure_future(producer.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=timeout_s)
+        if done:
+            with contextlib.suppress(Exception):
+                stopping.result()
             logger.info("kafka producer flushed and closed")
+            return 0
+        # An idempotent producer retries an undeliverable batch for ever: stop waiting, and say what is lost.
+        self.abandoned = sum(1 for delivery in self._unacked if not delivery.done())
+        stopping.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await stopping
+        await _force_close(producer)
+        logger.error(
+            "kafka producer not flushed within %gs: abandoned %d unacknowledged records (none was answered 200 "
+            "or confirmed; spooled ones stay in the spool)",
+            timeout_s,
+            self.abandoned,
+            extra={"reason": "flush_timeout"},
+        )
+        return self.abandoned
 
     def _replace(self, broken: AIOKafkaProducer) -> None:
         """Swap a producer whose sender routine died for a new one, in the background.
@@ -166,10 +220,12 @@ class KafkaSink:
     async def _reconnect(self, broken: AIOKafkaProducer) -> None:
         try:
             with contextlib.suppress(Exception):
-                await broken.stop()
-            await self.connect()
-        except Exception:
-            logger.exception("could not replace the kafka producer; publishes stay unavailable (503)")
+                await asyncio.wait_for(broken.stop(), timeout=self._settings.publish_timeout_s)
+            await self.connect(max_attempts=self._settings.replace_max_attempts)
+        except Exception as exc:
+            logger.critical("could not replace the kafka producer (%s); stopping so that it can be restarted", exc)
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
         finally:
             self._replacing = None
 
@@ -197,7 +253,11 @@ class KafkaSink:
             # already handed to the producer may still be delivered later (at-least-once, same key).
             async with asyncio.timeout(timeout_s):
                 delivery = await producer.send(topic, value, key=key, headers=headers)
-                ack: Ack = await delivery
+                self._unacked.add(delivery)
+                delivery.add_done_callback(self._unacked.discard)
+                # Shielded: our timeout must not cancel the delivery future, which tracks the record in the
+                # producer until the broker acknowledges or refuses it (counted at close if never).
+                ack: Ack = await asyncio.shield(delivery)
         except TimeoutError:
             if _sender_died(producer):
                 self._replace(producer)
@@ -220,3 +280,12 @@ class KafkaSink:
             self._in_flight -= 1
         self._metrics.publish_latency.observe(time.perf_counter() - started)
         return ack
+
+
+async def _force_close(producer: AIOKafkaProducer, *, timeout_s: float = 2.0) -> None:
+    """Close a producer whose ``stop()`` would wait for ever: end its sender routine and its connections."""
+    sender = getattr(producer, "_sender", None)  # aiokafka keeps no public handle on it
+    for closing in (getattr(sender, "close", None), producer.client.close):
+        if closing is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(closing(), timeout=timeout_s)

@@ -53,7 +53,7 @@ class Metrics:
         )
         self.confirm_age = Histogram(
             "vod_bridge_poller_confirm_age_seconds",
-            "Time from PullEvents answer to ConfirmEvents success (VOD re-delivers after 30 s)",
+            "Time from PullEvents request to ConfirmEvents success (VOD re-delivers after 30 s)",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 25, 30),
             registry=r,
         )

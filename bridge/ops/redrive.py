@@ -412,8 +412,11 @@ class DeadLetterReader:
                 await consumer.stop()
 
     async def _plan(self, consumer: AIOKafkaConsumer) -> None:
-        await consumer.topics()  # refreshes the metadata, so a topic created a moment ago is seen
-        partitions = sorted(consumer.partitions_for_topic(self._topic) or ())
+        # A fresh metadata request for all topics, read from its own answer: consumer.topics() fills a throwaway
+        # copy, and the consumer's own metadata tracks no topic yet (an empty topic list asks for none, which a
+        # broker that follows the protocol answers with none).
+        metadata = await consumer._client.fetch_all_metadata()
+        partitions = sorted(metadata.partitions_for_topic(self._topic) or ())
         if not partitions:
             raise TopicNotFound(
                 f"dead-letter topic {self._topic!r} does not exist on {self._settings.bootstrap_servers} "
@@ -459,10 +462,14 @@ class DeadLetterReader:
         try:
             # No record is that late, so a broker that honours the lookup answers "none" for every partition.
             probe = await consumer.offsets_for_times(dict.fromkeys(tps, _FAR_FUTURE_MS))
+            # And every record is later than the epoch, so a partition holding records must answer something.
+            epoch = await consumer.offsets_for_times(dict.fromkeys(tps, 0))
             found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
         except UnsupportedVersionError:
             raise unsupported from None
         if any(answer is not None for answer in probe.values()):
+            raise unsupported
+        if any(epoch[tp] is None and first[tp.partition] < end[tp.partition] for tp in tps):
             raise unsupported
         self._since_ms = since_ms
         self._unchecked = {tp.partition for tp in tps}

@@ -15,11 +15,13 @@ from datetime import UTC, datetime
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from bridge.config import HttpSettings
 from bridge.delivery.pipeline import DeadLettered, Delivery, Duplicate, Failed, Published, Refused, Spooled
 from bridge.errors import AuthFailed, BodyTimeout, Forbidden, InvalidPayload, PayloadTooLarge, UnsupportedEncoding
+from bridge.ops.logs import describe_parse_error
 from bridge.ops.metrics import Metrics
 from bridge.ops.tracing import EventSpan, EventTracer
 from bridge.sources.access import SourceFilter, verify_token
@@ -65,10 +67,12 @@ class CallbackReceiver:
             if settings.sign_key is not None:
                 verify_sign(
                     item.sign,
-                    item.expires_at,
+                    item.expires_at_text,
                     sign_key=settings.sign_key,
                     now_s=self._clock_s(),
                     skew_s=settings.sign_skew_s,
+                    # VOD's default expiry: Tencent documents no longer one for callbacks.
+                    max_ttl_s=settings.sign_max_ttl_s,
                 )
         except (InvalidPayload, AuthFailed) as exc:
             self._reject(request, exc.reason, exc.message)
@@ -110,7 +114,9 @@ class CallbackReceiver:
 
     def _authorize_source(self, request: web.Request) -> None:
         """IP allow-list, then the URL token; both before the body is read."""
-        self._source_filter.check(request.remote, request.headers.get("X-Forwarded-For"))
+        # Every header line, in order: a proxy that adds its own line (HAProxy ``option forwardfor``) leaves the
+        # client's forged line first, so reading only the first line would believe the client.
+        self._source_filter.check(request.remote, request.headers.getall("X-Forwarded-For", []))
         token = self._settings.token
         if token is not None:
             verify_token(request.match_info.get("token") or request.query.get("token"), token)
@@ -132,8 +138,11 @@ class CallbackReceiver:
             raise PayloadTooLarge(f"body exceeds the limit of {settings.max_body_bytes} bytes") from None
         except TimeoutError:
             raise BodyTimeout(f"body not received within {settings.body_timeout_s:g}s") from None
-        except RequestPayloadError as exc:
-            raise InvalidPayload(f"unreadable body: {exc}", reason="unreadable_body") from None
+        except (RequestPayloadError, HttpProcessingError) as exc:
+            # Not str(exc): a parser message quotes the request's bytes. HttpProcessingError itself arrives when
+            # the pure-Python parser fails mid-body (llhttp's failures come wrapped in RequestPayloadError).
+            described = describe_parse_error(exc) or type(exc).__name__
+            raise InvalidPayload(f"unreadable body ({described})", reason="unreadable_body") from None
         except ConnectionResetError:
             raise ClientGone("client disconnected while sending its body") from None
         if not body:

@@ -4,6 +4,9 @@ Invariant: an event handle is confirmed only after the delivery path acknowledge
 or, for a body without a usable key, on the dead-letter topic), or found it an exact repeat of one Kafka
 already acknowledged. Everything else is left unconfirmed, so VOD hands it out again
 after its 30-second window: delivery is at least once, and duplicates keep their key.
+
+The window is counted from when the PullEvents *request* was sent: VOD hands the events out somewhere between
+the request and its answer (a long poll holds it up to 5 s), so that is the earliest the window can start.
 """
 
 from __future__ import annotations
@@ -12,17 +15,18 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 
 from bridge.backoff import Backoff
 from bridge.config import PollerSettings
-from bridge.delivery.pipeline import DeadLettered, Delivery, Published, delivered
-from bridge.errors import InvalidPayload, UpstreamError
+from bridge.delivery.pipeline import DeadLettered, Delivery, Outcome, Published, delivered
+from bridge.errors import ConfigError, InvalidPayload, UpstreamError
 from bridge.ops.metrics import Metrics
 from bridge.ops.tracing import EventTracer, NoTracer
 from bridge.vod.decode import read_event
@@ -36,6 +40,30 @@ logger = logging.getLogger(__name__)
 CONFIRM_BATCH: Final = 16
 #: VOD makes an unconfirmed event available again this long after handing it out.
 VISIBILITY_WINDOW_S: Final = 30.0
+#: A ConfirmEvents retry is only sent when at least its back-off plus this much is left of the window, so that
+#: it can still reach VOD in time.
+CONFIRM_RETRY_MARGIN_S: Final = 1.0
+#: How many recent confirm ages ``PollerStats.confirm_ages_s`` keeps (one per ConfirmEvents call).
+CONFIRM_AGE_SAMPLES: Final = 4096
+#: The ``publish_failed`` code counted for an event whose processing raised unexpectedly (a bug).
+UNEXPECTED_ERROR: Final = "internal_error"
+
+
+def check_window(publish_timeout_s: float, request_timeout_s: float, *, window_s: float = VISIBILITY_WINDOW_S) -> None:
+    """Raise :class:`ConfigError` when a pulled event could be acked by Kafka and still miss its confirm window.
+
+    The worst case from the PullEvents request to VOD receiving the ConfirmEvents is the pull itself (under
+    ``request_timeout_s``: a slower answer is a failed pull), the Kafka acks (under ``publish_timeout_s``: a
+    slower ack leaves the event unconfirmed anyway) and one ConfirmEvents (under ``request_timeout_s``). Each is
+    a strict bound, so a sum equal to the window still lands inside it.
+    """
+    worst_s = request_timeout_s + publish_timeout_s + request_timeout_s
+    if worst_s > window_s:
+        raise ConfigError(
+            f"BRIDGE_VOD_REQUEST_TIMEOUT_S ({request_timeout_s:g}s, once for PullEvents and once for ConfirmEvents)"
+            f" + BRIDGE_KAFKA_PUBLISH_TIMEOUT_S ({publish_timeout_s:g}s) = {worst_s:g}s exceeds the {window_s:g}s"
+            " in which VOD accepts a confirm: events Kafka acked could be re-delivered; lower one of them"
+        )
 
 
 class EventsApi(Protocol):
@@ -45,19 +73,25 @@ class EventsApi(Protocol):
     async def confirm_events(self, handles: Sequence[str]) -> None: ...
 
 
-class _HandleOnly(msgspec.Struct):
+class _Envelope(msgspec.Struct):
     EventHandle: str | None = None
+    #: Any JSON value: a malformed EventType must not hide a readable EventHandle.
+    EventType: Any = None
 
 
-_handle_decoder: Final = msgspec.json.Decoder(_HandleOnly)
+_envelope_decoder: Final = msgspec.json.Decoder(_Envelope)
+
+
+def _envelope_of(raw: bytes) -> _Envelope:
+    try:
+        return _envelope_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return _Envelope()
 
 
 def event_handle_of(raw: bytes) -> str | None:
     """The ``EventHandle`` of an event that failed full decoding, when it can still be read."""
-    try:
-        return _handle_decoder.decode(raw).EventHandle
-    except msgspec.DecodeError:
-        return None
+    return _envelope_of(raw).EventHandle
 
 
 @dataclass
@@ -70,9 +104,10 @@ class PollerStats:
     dead_lettered: int = 0
     confirmed: int = 0
     not_confirmed: int = 0
-    #: Largest time from PullEvents answer to ConfirmEvents success seen so far.
+    #: Largest time from PullEvents request to ConfirmEvents success seen so far.
     max_confirm_age_s: float = 0.0
-    confirm_ages_s: list[float] = field(default_factory=list)
+    #: The same age for the last ``CONFIRM_AGE_SAMPLES`` ConfirmEvents calls (bounded: the poller runs for months).
+    confirm_ages_s: deque[float] = field(default_factory=lambda: deque(maxlen=CONFIRM_AGE_SAMPLES))
 
 
 class Poller:
@@ -92,7 +127,9 @@ class Poller:
         *,
         ready: Callable[[], bool],
         tracer: EventTracer | None = None,
+        window_s: float = VISIBILITY_WINDOW_S,
     ) -> None:
+        """``window_s`` is VOD's confirm window; only tests shorten it."""
         self._api = api
         self._delivery = delivery
         self._settings = settings
@@ -101,6 +138,7 @@ class Poller:
         self._ready = ready
         self._stopping = asyncio.Event()
         self._tracer = tracer or NoTracer()
+        self._window_s = window_s
         self.stats = PollerStats()
 
     def stop(self) -> None:
@@ -125,6 +163,7 @@ class Poller:
                 while len(in_flight) >= self._settings.max_batches_in_flight:
                     done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     await self._after_batches(done, backoff)
+                # Taken before the request: VOD may start an event's window as soon as the request reaches it.
                 started = time.monotonic()
                 try:
                     raw_events = await self._until_stopped(self._api.pull_events())
@@ -144,7 +183,7 @@ class Poller:
                     if time.monotonic() - started < self._settings.idle_interval_s:
                         await self._pause(self._settings.idle_interval_s)
                     continue
-                batch = asyncio.create_task(self.process_batch(raw_events, pulled_at=time.monotonic()))
+                batch = asyncio.create_task(self.process_batch(raw_events, pulled_at=started))
                 in_flight.add(batch)
                 done = {task for task in in_flight if task.done()}
                 in_flight -= done
@@ -152,7 +191,9 @@ class Poller:
         finally:
             # Batches already pulled are always finished: their acked events get confirmed.
             if in_flight:
-                await asyncio.gather(*in_flight, return_exceptions=True)
+                for result in await asyncio.gather(*in_flight, return_exceptions=True):
+                    if isinstance(result, Exception):
+                        logger.error("a pulled batch failed unexpectedly while stopping", exc_info=result)
         logger.info(
             "poller stopped: %d pulls, %d events, %d confirmed, %d left for re-delivery, max confirm age %.3fs",
             self.stats.pulls,
@@ -165,7 +206,18 @@ class Poller:
     async def _after_batches(self, done: set[asyncio.Task[bool]], backoff: Backoff) -> None:
         if not done:
             return
-        if all(task.result() for task in done):
+        all_acked = True
+        for task in done:
+            if (exc := task.exception()) is not None:
+                # A bug outside the per-event handling (e.g. in confirming): VOD re-delivers what was not confirmed.
+                logger.error(
+                    "a pulled batch failed unexpectedly; VOD will re-deliver what it did not confirm", exc_info=exc
+                )
+                self._metrics.publish_failed.labels("pull", UNEXPECTED_ERROR).inc()
+                all_acked = False
+            elif not task.result():
+                all_acked = False
+        if all_acked:
             backoff.reset()
             return
         # Kafka is refusing records: pulling more would only churn the visibility window.
@@ -176,7 +228,9 @@ class Poller:
     async def process_batch(self, raw_events: Sequence[bytes], *, pulled_at: float) -> bool:
         """Publish one pulled batch concurrently, then confirm exactly the acked handles.
 
-        Returns True when every event with a handle was acked (and so offered for confirmation).
+        ``pulled_at`` is the ``time.monotonic()`` at which the PullEvents request was sent: the confirm window is
+        counted from there. Returns True when every event with a handle was acked (and so offered for
+        confirmation).
         """
         self.stats.events += len(raw_events)
         self._metrics.pulled_events.inc(len(raw_events))
@@ -190,6 +244,27 @@ class Poller:
 
     async def _deliver_one(self, raw: bytes, received_at: datetime) -> tuple[str | None, bool]:
         """(handle, confirmable). Never raises for a single event: one bad event must not stop the batch."""
+        try:
+            item, outcome = await self._deliver(raw, received_at)
+        except Exception:
+            # A bug, not a delivery failure (those are outcomes): leave this event to VOD's re-delivery and let
+            # the rest of the batch be confirmed.
+            envelope = _envelope_of(raw)
+            event_type = envelope.EventType if isinstance(envelope.EventType, str) and envelope.EventType else "event"
+            logger.exception(
+                "pulled %s (handle %s) failed unexpectedly; left for re-delivery", event_type, envelope.EventHandle
+            )
+            self._metrics.publish_failed.labels("pull", UNEXPECTED_ERROR).inc()
+            return envelope.EventHandle, False
+        if isinstance(outcome, Published):
+            self.stats.published += 1
+        elif isinstance(outcome, DeadLettered):
+            self.stats.dead_lettered += 1
+        elif not delivered(outcome):
+            logger.warning("pulled %s not acknowledged, left for re-delivery", item.event_type or "event")
+        return item.event_handle, delivered(outcome)
+
+    async def _deliver(self, raw: bytes, received_at: datetime) -> tuple[VodEventOrBody, Outcome]:
         with self._tracer.span("vod.pull") as span:
             try:
                 item: VodEventOrBody = read_event(raw)
@@ -202,13 +277,7 @@ class Poller:
             outcome = await self._delivery.deliver(
                 item, source="pull", received_at=received_at, trace_headers=span.kafka_headers()
             )
-        if isinstance(outcome, Published):
-            self.stats.published += 1
-        elif isinstance(outcome, DeadLettered):
-            self.stats.dead_lettered += 1
-        elif not delivered(outcome):
-            logger.warning("pulled %s not acknowledged, left for re-delivery", item.event_type or "event")
-        return item.event_handle, delivered(outcome)
+        return item, outcome
 
     async def _confirm(self, handles: Sequence[str], *, pulled_at: float) -> None:
         """ConfirmEvents in calls of at most 16, retried while the 30-second window allows."""
@@ -223,10 +292,10 @@ class Poller:
                 self._metrics.confirm_age.observe(age_s)
                 log = logger.warning if age_s > self._settings.confirm_warn_after_s else logger.debug
                 log(
-                    "confirmed %d events %.3fs after the pull (window %.0fs)",
+                    "confirmed %d events %.3fs after the PullEvents request (window %.0fs)",
                     len(chunk),
                     age_s,
-                    VISIBILITY_WINDOW_S,
+                    self._window_s,
                 )
             else:
                 self.stats.not_confirmed += len(chunk)
@@ -240,8 +309,8 @@ class Poller:
             except UpstreamError as exc:
                 self._metrics.confirm_errors.labels(exc.api_code or exc.code).inc()
                 delay_s = backoff.next_delay_s()
-                remaining_s = VISIBILITY_WINDOW_S - (time.monotonic() - pulled_at)
-                if not exc.retriable or remaining_s < delay_s + 1.0:
+                remaining_s = self._window_s - (time.monotonic() - pulled_at)
+                if not exc.retriable or remaining_s < delay_s + CONFIRM_RETRY_MARGIN_S:
                     # Re-delivery will bring these events back; Kafka already has them (a duplicate).
                     logger.warning(
                         "ConfirmEvents failed for %d handles (%s); VOD will re-deliver them",

@@ -520,4 +520,5 @@ class VodClient:
         for secret in (self._credentials.secret_key, self._credentials.token):
             if secret:
                 text = text.replace(secret, "***")
-        return text
+        # The id is not a secret like the key, but it is only ever shown masked.
+        return text.replace(self._credentials.secret_id, self._credentials.masked_id)

@@ -43,11 +43,11 @@ from bridge.vod.event_types import (
     EventSpec,
 )
 from bridge.vod.model import Fallback, Undecodable, UndecodableReason, VodEvent, VodStruct
+from bridge.vod.signing import parse_expiry
 
 #: Any JSON object (the envelope, a payload, legacy ``data``), its field values kept as raw bytes.
 _object_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _str_decoder: Final[msgspec.json.Decoder[str | None]] = msgspec.json.Decoder(str | None)
-_int_decoder: Final[msgspec.json.Decoder[int | None]] = msgspec.json.Decoder(int | None)
 _list_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
 _payload_decoders: Final[dict[type[VodStruct], msgspec.json.Decoder[VodStruct | None]]] = {
     spec.model: msgspec.json.Decoder(spec.model | None) for spec in EVENT_TYPES.values()
@@ -64,6 +64,10 @@ _NUMBER: Final = frozenset(b"-0123456789")
 NOT_AN_OBJECT_REASONS: Final = frozenset({"invalid_utf8", "not_an_object", "malformed_json", "too_deep"})
 
 _NO_FALLBACKS: Final[tuple[Fallback, ...]] = ()
+
+#: The transport-only fields: (EventHandle, Sign, T's value, T's text as sent, fallback labels).
+_Transport = tuple[str | None, str | None, int | None, str | None, tuple[Fallback, ...]]
+_NO_TRANSPORT: Final[_Transport] = (None, None, None, None, _NO_FALLBACKS)
 
 
 def read_event(body: bytes) -> VodEvent | Undecodable:
@@ -133,7 +137,7 @@ class _Id(msgspec.Struct, frozen=True, gc=False):
 
 
 def _read(envelope: dict[str, msgspec.Raw], body: bytes) -> VodEvent | Undecodable:
-    event_handle, sign, expires_at, transport_fallbacks = _transport(envelope)
+    event_handle, sign, expires_at, expires_at_text, transport_fallbacks = _transport(envelope)
     raw_type = envelope.get("EventType")
     try:
         event_type = None if raw_type is None else _str_decoder.decode(raw_type)
@@ -153,6 +157,7 @@ def _read(envelope: dict[str, msgspec.Raw], body: bytes) -> VodEvent | Undecodab
             event_handle=event_handle,
             sign=sign,
             expires_at=expires_at,
+            expires_at_text=expires_at_text,
         )
     event_type, key, payload, fallbacks = keyed
     return VodEvent(
@@ -163,6 +168,7 @@ def _read(envelope: dict[str, msgspec.Raw], body: bytes) -> VodEvent | Undecodab
         event_handle=event_handle,
         sign=sign,
         expires_at=expires_at,
+        expires_at_text=expires_at_text,
         format="legacy-v2" if legacy else "eventcontent",
         fallbacks=fallbacks + transport_fallbacks if transport_fallbacks else fallbacks,
     )
@@ -186,15 +192,15 @@ def _read_event_content(envelope: dict[str, msgspec.Raw], event_type: str | None
     return _read_single_object(envelope, event_type, value)
 
 
-def _transport(envelope: dict[str, msgspec.Raw]) -> tuple[str | None, str | None, int | None, tuple[Fallback, ...]]:
+def _transport(envelope: dict[str, msgspec.Raw]) -> _Transport:
     """``EventHandle``, ``Sign`` and ``T`` when of their documented types; a wrong type leaves the field unset
-    (and is labelled) rather than losing the event: the signature check and ConfirmEvents then see nothing."""
+    (and is labelled) rather than losing the event: the signature check and ConfirmEvents then see nothing.
+    ``T`` is kept as sent whenever it is a string or a number; only its digits form gives ``expires_at``."""
     raw_handle, raw_sign, raw_expiry = envelope.get("EventHandle"), envelope.get("Sign"), envelope.get("T")
     if raw_handle is None and raw_sign is None and raw_expiry is None:
-        return None, None, None, _NO_FALLBACKS
+        return _NO_TRANSPORT
     unreadable = False
     event_handle = sign = None
-    expires_at = None
     try:
         event_handle = None if raw_handle is None else _str_decoder.decode(raw_handle)
     except msgspec.ValidationError:
@@ -203,11 +209,24 @@ def _transport(envelope: dict[str, msgspec.Raw]) -> tuple[str | None, str | None
         sign = None if raw_sign is None else _str_decoder.decode(raw_sign)
     except msgspec.ValidationError:
         unreadable = True
-    try:
-        expires_at = None if raw_expiry is None else _int_decoder.decode(raw_expiry)
-    except msgspec.ValidationError:
+    expires_at_text = None if raw_expiry is None else _expiry_text(raw_expiry)
+    expires_at = None if expires_at_text is None else parse_expiry(expires_at_text)
+    if raw_expiry is not None and expires_at is None and bytes(raw_expiry) != b"null":
         unreadable = True
-    return event_handle, sign, expires_at, ("transport_field_unreadable",) if unreadable else _NO_FALLBACKS
+    fallbacks: tuple[Fallback, ...] = ("transport_field_unreadable",) if unreadable else _NO_FALLBACKS
+    return event_handle, sign, expires_at, expires_at_text, fallbacks
+
+
+def _expiry_text(raw: msgspec.Raw) -> str | None:
+    """``T`` as sent: a JSON string's content or a JSON number's text (``Sign`` covers exactly that text, and
+    Tencent does not say which of the two VOD sends); ``None`` for any other JSON value. Whether it is usable
+    digits is :func:`~bridge.vod.signing.parse_expiry`'s call, so the check can say why it is not."""
+    first = memoryview(raw)[0]
+    if first == _STRING:
+        return _str_decoder.decode(raw)
+    if first in _NUMBER:
+        return bytes(raw).decode("ascii")
+    return None
 
 
 def _published(envelope: dict[str, msgspec.Raw]) -> bytes:

@@ -34,7 +34,8 @@ Fallback = Literal[
     # The payload did not validate against its typed Struct (e.g. an int given as a list): published with
     # ``payload=None``.
     "payload_type_mismatch",
-    # ``EventHandle``, ``Sign`` or ``T`` had the wrong JSON type and was left unset.
+    # ``EventHandle``, ``Sign`` or ``T`` had the wrong JSON type and was left unset (``T`` also when it is not
+    # UNIX seconds in digits: ``expires_at`` stays unset, ``expires_at_text`` keeps it for the signature check).
     "transport_field_unreadable",
 ]
 FALLBACK_REASONS: Final[frozenset[str]] = frozenset(get_args(Fallback))
@@ -198,7 +199,12 @@ class VodEvent(msgspec.Struct, frozen=True, kw_only=True):
     event_handle: str | None = None
     #: Callback authentication fields, kept aside for the signature check and never published.
     sign: str | None = None
+    #: ``T``'s value (UNIX seconds) when it was sent as digits (a JSON number or a numeric string, at most
+    #: ``signing.MAX_T_CHARS`` of them).
     expires_at: int | None = None
+    #: ``T`` exactly as sent (a string's content or a number's text): what ``Sign`` covers. Set whenever ``T``
+    #: is a string or a number, digits or not (the signature check says why it is unusable).
+    expires_at_text: str | None = None
     format: EventFormat = "eventcontent"
     #: How the tolerant reader coped where the body departs from the documented shape (empty for a documented
     #: body); labels from :data:`FALLBACK_REASONS`, for metrics.
@@ -222,3 +228,4 @@ class Undecodable(msgspec.Struct, frozen=True, kw_only=True):
     event_handle: str | None = None
     sign: str | None = None
     expires_at: int | None = None
+    expires_at_text: str | None = None

@@ -31,7 +31,7 @@ from bridge.ops.metrics import Metrics
 from bridge.vod.decode import read_event
 from bridge.vod.model import Undecodable, VodEvent
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.producer]
 
 
 def item(body: dict[str, object]) -> VodEvent | Undecodable:

@@ -13,7 +13,7 @@ import pytest
 from bridge.delivery.spool import store
 from bridge.delivery.spool.aio import AsyncSpool
 from bridge.delivery.spool.format import HEADER_BYTES
-from bridge.delivery.spool.store import DEFAULT_READ_MAX_BYTES, Spool, SpoolError, SpoolFull
+from bridge.delivery.spool.store import DEFAULT_READ_MAX_BYTES, Spool, SpoolError, SpoolFull, sync_to_disk
 
 
 class Gate:
@@ -22,13 +22,15 @@ class Gate:
     The wait is bounded: if the event loop that should release it is blocked, the call fails instead.
     """
 
-    def __init__(self, real: Callable[..., object]) -> None:
+    def __init__(self, real: Callable[..., object], *, armed: bool = True) -> None:
         self.real = real
+        #: Unarmed, every call passes straight through (e.g. the syncs of ``Spool.open``).
+        self.armed = armed
         self.entered = threading.Event()
         self.release = threading.Event()
 
     def __call__(self, *args: object) -> object:
-        if not self.entered.is_set():
+        if self.armed and not self.entered.is_set():
             self.entered.set()
             if not self.release.wait(5):
                 raise AssertionError("never released: the event loop was blocked")
@@ -121,13 +123,11 @@ async def test_a_read_blocked_on_the_disk_leaves_the_event_loop_free(
     await aspool.close()
 
 
-async def test_close_waits_for_a_commit_in_flight_without_blocking_the_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    aspool = AsyncSpool(Spool.open(tmp_path))  # fsync on: the cursor write fsyncs
+async def test_close_waits_for_a_commit_in_flight_without_blocking_the_loop(tmp_path: Path) -> None:
+    gate = Gate(sync_to_disk, armed=False)
+    aspool = AsyncSpool(Spool.open(tmp_path, sync=gate))  # fsync on: the cursor write fsyncs
     await aspool.append(b"x")
-    gate = Gate(store._fsync)
-    monkeypatch.setattr(store, "_fsync", gate)
+    gate.armed = True
     # A forwarder cancelled during commit leaves the commit running in its thread.
     commit = asyncio.create_task(aspool.commit(1))
     assert await asyncio.to_thread(gate.entered.wait, 5)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from bridge.delivery.spool import store
 from bridge.delivery.spool.format import CURSOR_NAME, HEADER_BYTES, MAX_PAYLOAD_BYTES, encode_header
-from bridge.delivery.spool.store import DEFAULT_READ_MAX_BYTES, Spool, SpoolError, SpoolFull, SpoolInUse
+from bridge.delivery.spool.store import DEFAULT_READ_MAX_BYTES, Spool, SpoolError, SpoolFull, SpoolInUse, sync_to_disk
 from bridge.errors import BridgeError
 
 T = TypeVar("T")
@@ -62,13 +62,15 @@ def open_fds() -> int:
 class Gate:
     """Wraps an I/O helper so its first call blocks until ``release``; later calls pass straight through."""
 
-    def __init__(self, real: Callable[..., object]) -> None:
+    def __init__(self, real: Callable[..., object], *, armed: bool = True) -> None:
         self.real = real
+        #: Unarmed, every call passes straight through (e.g. the syncs of ``Spool.open``).
+        self.armed = armed
         self.entered = threading.Event()
         self.release = threading.Event()
 
     def __call__(self, *args: object) -> object:
-        if not self.entered.is_set():
+        if self.armed and not self.entered.is_set():
             self.entered.set()
             assert self.release.wait(10), "the blocked call was never released"
         return self.real(*args)
@@ -330,13 +332,11 @@ def test_a_read_planned_before_a_commit_deleted_its_segments_reads_what_is_left(
 
 
 @pytest.mark.parametrize("operation", ["append", "roll", "commit"])
-def test_an_fsync_never_blocks_the_properties_or_reads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operation: str
-) -> None:
-    with Spool.open(tmp_path, segment_max_bytes=100) as spool:  # fsync on
+def test_an_fsync_never_blocks_the_properties_or_reads(tmp_path: Path, operation: str) -> None:
+    gate = Gate(sync_to_disk, armed=False)
+    with Spool.open(tmp_path, segment_max_bytes=100, sync=gate) as spool:  # fsync on
         spool.append([b"x" * 30])  # 50 bytes
-        gate = Gate(store._fsync)
-        monkeypatch.setattr(store, "_fsync", gate)
+        gate.armed = True
         calls: dict[str, Callable[[], object]] = {
             "append": lambda: spool.append([b"y" * 10]),  # fits: the data fsync blocks
             "roll": lambda: spool.append([b"z" * 40]),  # does not fit: the new segment's directory fsync blocks
@@ -627,7 +627,7 @@ def test_property_corrupted_bytes_never_reach_a_reader(
             assert spool.append([b"after"]) == [next_seq]
 
 
-# -- crash and throughput ----------------------------------------------------------------------------------------
+# -- crash -------------------------------------------------------------------------------------------------------------
 
 _CHILD = """
 import sys
@@ -667,18 +667,3 @@ def test_every_acknowledged_append_survives_sigkill(tmp_path: Path) -> None:
         for seq, payload in records:
             assert payload.startswith(b"payload-%d-" % seq)
         print(f"\ncrash test: {len(acked)} acknowledged, {len(seqs)} on disk, report={spool.recovery_report}")
-
-
-def test_report_append_throughput_with_fsync(tmp_path: Path) -> None:
-    payload = b"v" * 1024
-    lines = []
-    for batch in (1, 64):
-        with Spool.open(tmp_path / f"batch-{batch}") as spool:
-            records, started = 0, time.perf_counter()
-            while time.perf_counter() - started < 0.5:
-                records += len(spool.append([payload] * batch))
-            elapsed = time.perf_counter() - started
-            lines.append(
-                f"batch={batch:>2}: {records / elapsed:>9.0f} appends/s, {spool.fsync_count / elapsed:>6.0f} fsyncs/s"
-            )
-    print("\nspool throughput, 1 KiB payloads, fsync on:\n  " + "\n  ".join(lines))

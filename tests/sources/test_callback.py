@@ -17,6 +17,7 @@ from bridge.app import COMPONENTS
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.producer
 async def test_seed_event_is_published_keyed_by_task_id(kafka: Kafka, make_settings, make_client, topic) -> None:
     client = await make_client(make_settings())
     before = datetime.now(UTC)
@@ -39,6 +40,7 @@ async def test_seed_event_is_published_keyed_by_task_id(kafka: Kafka, make_setti
     assert before - timedelta(seconds=1) <= received_at <= datetime.now(UTC)
 
 
+@pytest.mark.producer
 async def test_unknown_fields_and_types_reach_kafka_unchanged(kafka: Kafka, make_settings, make_client, topic):
     client = await make_client(make_settings())
     known = sample_event("t-known")
@@ -66,6 +68,7 @@ KEYLESS_BODIES = [
 ]
 
 
+@pytest.mark.producer
 async def test_bad_inputs_get_400_and_publish_nothing(kafka: Kafka, make_settings, make_client, topic) -> None:
     client = await make_client(make_settings())
     for body, named in BAD_BODIES:
@@ -90,6 +93,7 @@ async def test_bad_inputs_get_400_and_publish_nothing(kafka: Kafka, make_setting
     assert rejected == len(BAD_BODIES)
 
 
+@pytest.mark.producer
 async def test_keyless_objects_are_dead_lettered_after_the_ack(kafka: Kafka, make_settings, make_client, topic):
     client = await make_client(make_settings())
     for body, reason, _ in KEYLESS_BODIES:
@@ -106,6 +110,7 @@ async def test_keyless_objects_are_dead_lettered_after_the_ack(kafka: Kafka, mak
     assert all(headers_of(r)["source"] == "callback" for r in letters)
 
 
+@pytest.mark.producer
 async def test_reject_policy_keeps_the_400(kafka: Kafka, make_settings, make_client, topic) -> None:
     client = await make_client(make_settings(delivery_callback_invalid="reject"))
     for body, _, named in KEYLESS_BODIES:
@@ -135,6 +140,7 @@ async def test_default_limit_is_one_mebibyte(make_settings, make_client) -> None
     assert response.status == 413
 
 
+@pytest.mark.producer
 async def test_per_type_routing(kafka: Kafka, make_settings, make_client, topic) -> None:
     uploads = f"{topic}.uploads"
     client = await make_client(make_settings(topic_routes={"NewFileUpload": uploads}))
@@ -178,6 +184,7 @@ async def test_not_ready_until_kafka_answers(make_settings, make_client) -> None
     assert response.headers["Retry-After"].isdigit()
 
 
+@pytest.mark.producer
 async def test_overload_answers_503_with_retry_after(kafka: Kafka, make_settings, make_client, topic) -> None:
     # A long linger keeps publishes waiting for their ack, so the in-flight bound is reached.
     client = await make_client(make_settings(max_in_flight=3, linger_ms=400))

@@ -7,6 +7,7 @@ ConfirmEvents came after the Kafka ack of the event it confirms.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import Kafka, headers_of, read_records, sample_event, value_of, wait_until
 from fakevod import FakeVod
-from faultkit import create_topic
+from faultkit import OwnBroker
 
 from bridge.app import create_app
 from bridge.config import KafkaSettings, PollerSettings
@@ -22,13 +23,13 @@ from bridge.delivery.dedup import DedupWindow
 from bridge.delivery.kafka import KafkaSink
 from bridge.delivery.pipeline import Delivery
 from bridge.delivery.records import EVENT_HANDLE, Headers, header
-from bridge.errors import UpstreamError
-from bridge.ops.embedded import EmbeddedBroker
+from bridge.errors import ConfigError, UpstreamError
 from bridge.ops.metrics import Metrics
-from bridge.sources.poller import Poller
+from bridge.sources.poller import VISIBILITY_WINDOW_S, Poller, check_window
 from bridge.vod.api import Credentials, VodClient
+from bridge.vod.model import Undecodable, VodEvent
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.producer]
 
 CREDENTIALS = Credentials("AKIDtestTESTtest1234", "test-secret-key-5678")
 
@@ -157,35 +158,33 @@ async def test_all_events_reach_kafka_and_each_confirm_follows_its_ack(
 
 
 async def test_kafka_down_nothing_confirmed_then_everything_arrives(
-    topic: str, fake_vod: FakeVod, vod_client: VodClient
+    own_broker: OwnBroker, topic: str, fake_vod: FakeVod, vod_client: VodClient
 ) -> None:
     metrics = Metrics()
-    with EmbeddedBroker() as broker:
-        settings = KafkaSettings(
-            bootstrap_servers=broker.bootstrap_servers,
-            topic=topic,
-            enable_idempotence=False,
-            linger_ms=0,
-            publish_timeout_s=1.0,
-        )
-        sink = AckClock(await connected_sink(settings, metrics))
-        broker.stop()
-        ids = [fake_vod.add_event(sample_event(f"outage-{i}")) for i in range(10)]
-        poller = make_poller(vod_client, sink, poller_settings(topic), metrics, topic=topic)
-        task = asyncio.create_task(poller.run())
-        try:
-            await wait_until(lambda: fake_vod.pulls >= 2, timeout_s=15)
-            assert fake_vod.confirmed == [], "nothing may be confirmed while Kafka is down"
-            assert poller.stats.published == 0
+    settings = KafkaSettings(
+        bootstrap_servers=own_broker.bootstrap_servers,
+        topic=topic,
+        enable_idempotence=own_broker.supports_idempotence,
+        linger_ms=0,
+        publish_timeout_s=1.0,
+    )
+    sink = AckClock(await connected_sink(settings, metrics))
+    own_broker.take_away()
+    ids = [fake_vod.add_event(sample_event(f"outage-{i}")) for i in range(10)]
+    poller = make_poller(vod_client, sink, poller_settings(topic), metrics, topic=topic)
+    task = asyncio.create_task(poller.run())
+    try:
+        await wait_until(lambda: fake_vod.pulls >= 2, timeout_s=15)
+        assert fake_vod.confirmed == [], "nothing may be confirmed while Kafka is down"
+        assert poller.stats.published == 0
 
-            broker.start()
-            await create_topic(broker.bootstrap_servers, topic)  # tansu forgets topics on restart
-            await wait_until(lambda: not fake_vod.pending_ids, timeout_s=40)
-        finally:
-            poller.stop()
-            await asyncio.wait_for(task, timeout=10)
-            await sink.inner.close()
-        records = await read_records(broker.bootstrap_servers, topic, count=10)
+        await own_broker.bring_back(topic)  # tansu forgets topics on restart
+        await wait_until(lambda: not fake_vod.pending_ids, timeout_s=40)
+    finally:
+        poller.stop()
+        await asyncio.wait_for(task, timeout=10)
+        await sink.inner.close()
+    records = await read_records(own_broker.bootstrap_servers, topic, count=10)
     assert {r.key.decode() for r in records} == {f"outage-{i}" for i in range(10)}
     assert {event_id for _, event_id, _ in fake_vod.confirmed} == set(ids)
     assert all(confirmed_at >= sink.acked_at[h] for h, _, confirmed_at in fake_vod.confirmed)
@@ -270,7 +269,7 @@ async def test_stop_during_long_poll_returns_promptly(kafka: Kafka, topic: str, 
     poller = make_poller(vod_client, sink, poller_settings(topic), metrics, topic=topic)
     task = asyncio.create_task(poller.run())
     try:
-        await asyncio.sleep(0.5)  # the first PullEvents is now parked in the 10 s long poll
+        await fake_vod.wait_for_pulls(1)  # the first PullEvents is now parked in the 10 s long poll
         started = time.monotonic()
         poller.stop()
         await asyncio.wait_for(task, timeout=5)
@@ -300,20 +299,39 @@ async def test_app_runs_the_poller_without_the_receiver(kafka: Kafka, topic: str
     assert record.key == b"via-app" and headers_of(record)["source"] == "pull"
 
 
-class SlowAcks(AckClock):
-    """The real sink, with each ack held back a little: long enough to see the next pull overlap."""
+class AcksAfterNextPull(AckClock):
+    """The real sink, with each ack held back until the fake VOD has received a second PullEvents, for at most
+    ``hold_s``: a pipelining poller pulls again while its first batch waits for these acks."""
+
+    def __init__(self, inner: KafkaSink, vod: FakeVod, *, hold_s: float) -> None:
+        super().__init__(inner)
+        self.vod = vod
+        self.hold_s = hold_s
+        self.held_until_timeout = 0
 
     async def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers, **kwargs: Any) -> Any:
-        await asyncio.sleep(0.3)
+        try:
+            await self.vod.wait_for_pulls(2, timeout_s=self.hold_s)
+        except TimeoutError:
+            self.held_until_timeout += 1
         return await super().send(topic, key, value, headers, **kwargs)
 
 
-@pytest.mark.parametrize(("batches_in_flight", "pipelined"), [(2, True), (1, False)])
+# Pipelined, the acks wait for the second pull (the bound is only a safety net); not pipelined, that pull cannot
+# come before the batch is confirmed, so the acks are held a little while to give a wrong overlap its chance.
+@pytest.mark.parametrize(("batches_in_flight", "pipelined", "hold_s"), [(2, True, 10.0), (1, False, 0.3)])
 async def test_next_pull_overlaps_the_publishing_batch(
-    kafka: Kafka, topic: str, fake_vod: FakeVod, vod_client: VodClient, *, batches_in_flight: int, pipelined: bool
+    kafka: Kafka,
+    topic: str,
+    fake_vod: FakeVod,
+    vod_client: VodClient,
+    *,
+    batches_in_flight: int,
+    pipelined: bool,
+    hold_s: float,
 ) -> None:
     metrics = Metrics()
-    sink = SlowAcks(await connected_sink(kafka_settings(kafka, topic), metrics))
+    sink = AcksAfterNextPull(await connected_sink(kafka_settings(kafka, topic), metrics), fake_vod, hold_s=hold_s)
     for i in range(48):
         fake_vod.add_event(sample_event(f"pipe-{i}"))
     settings = poller_settings(topic, max_batches_in_flight=batches_in_flight)
@@ -325,6 +343,179 @@ async def test_next_pull_overlaps_the_publishing_batch(
     actions = [r.action for r in fake_vod.requests if r.outcome == "ok"]
     first_confirm = actions.index("ConfirmEvents")
     assert (actions[:first_confirm].count("PullEvents") >= 2) is pipelined, actions
+    assert (sink.held_until_timeout == 0) is pipelined, "pipelined, the second pull came while acks were held"
     for handle, _, confirmed_at in fake_vod.confirmed:
         assert confirmed_at >= sink.acked_at[handle], "pipelining must not move a confirm before its ack"
     assert poller.stats.confirmed == 48
+
+
+# ---- the confirm window counts from the PullEvents request ---------------------------------------------------
+
+
+async def test_confirm_age_includes_a_slow_pull_answer(
+    kafka: Kafka, topic: str, fake_vod: FakeVod, vod_client: VodClient
+) -> None:
+    fake_vod.visibility_timeout_s = 30.0
+    fake_vod.answer_delay_s = 1.0  # the events' windows run while their answer is on its way
+    metrics = Metrics()
+    sink = await connected_sink(kafka_settings(kafka, topic), metrics)
+    ids = [fake_vod.add_event(sample_event(f"late-{i}")) for i in range(3)]
+    poller = make_poller(vod_client, sink, poller_settings(topic), metrics, topic=topic)
+    try:
+        await run_until(poller, lambda: not fake_vod.pending_ids)
+    finally:
+        await sink.close()
+    assert {event_id for _, event_id, _ in fake_vod.confirmed} == set(ids)
+    assert poller.stats.confirm_ages_s and min(poller.stats.confirm_ages_s) >= fake_vod.answer_delay_s
+    assert poller.stats.max_confirm_age_s >= fake_vod.answer_delay_s
+    assert metrics.confirm_age._sum.get() >= fake_vod.answer_delay_s
+
+
+@pytest.mark.parametrize(("answer_delay_s", "retried"), [(0.0, True), (2.0, False)])
+async def test_confirm_is_retried_only_while_the_window_from_the_request_allows(
+    kafka: Kafka,
+    topic: str,
+    fake_vod: FakeVod,
+    vod_client: VodClient,
+    *,
+    answer_delay_s: float,
+    retried: bool,
+) -> None:
+    # A 3 s window: the first confirm fails (retriable) right after the answer. Without a delay 3 s remain, so it
+    # is retried; after a 2 s answer under 1 s remains, too little for a retry (back-off + 1 s margin), although
+    # only a few milliseconds passed since the answer arrived.
+    window_s = 3.0
+    fake_vod.visibility_timeout_s = window_s
+    fake_vod.answer_delay_s = answer_delay_s
+    fake_vod.fail_next(1, code="InternalError", action="ConfirmEvents")
+    event_id = fake_vod.add_event(sample_event("confirm-retry"))
+    metrics = Metrics()
+    sink = await connected_sink(kafka_settings(kafka, topic), metrics)
+    delivery = Delivery(sink, metrics, topic_for=lambda _: topic, dead_letter_topic=f"{topic}.dlq")
+    poller = Poller(vod_client, delivery, poller_settings(topic), metrics, ready=lambda: sink.ready, window_s=window_s)
+    try:
+        await run_until(poller, lambda: not fake_vod.pending_ids)
+    finally:
+        await sink.close()
+    confirms = [(r.params["EventHandles"], r.outcome) for r in fake_vod.requests if r.action == "ConfirmEvents"]
+    assert [outcome for _, outcome in confirms] == ["InternalError", "ok"]
+    (first, _), (second, _) = confirms
+    if retried:
+        assert second == first and fake_vod.deliveries[event_id] == 1
+    else:
+        # No retry of the first handle: VOD handed the event out again, and the new handle was confirmed.
+        assert second != first and fake_vod.deliveries[event_id] == 2
+        assert poller.stats.not_confirmed == 1
+    assert poller.stats.confirmed == 1
+
+
+# ---- one event that raises does not cost the rest of its batch, nor the poller ---------------------------------
+
+
+class RaisesFor:
+    """The real delivery path, except that delivering ``key`` raises: a bug, not a delivery failure."""
+
+    def __init__(self, inner: Delivery, key: str) -> None:
+        self.inner = inner
+        self.key = key
+
+    async def deliver(self, item: VodEvent | Undecodable, **kwargs: Any) -> Any:
+        if isinstance(item, VodEvent) and item.key == self.key:
+            raise RuntimeError(f"bug while delivering {self.key}")
+        return await self.inner.deliver(item, **kwargs)
+
+
+async def test_an_event_that_raises_leaves_its_batch_confirmed_and_the_poller_running(
+    kafka: Kafka, topic: str, fake_vod: FakeVod, vod_client: VodClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    sink = AckClock(await connected_sink(kafka_settings(kafka, topic), metrics))
+    fine = [fake_vod.add_event(sample_event(f"fine-{i}")) for i in range(5)]
+    bad_id = fake_vod.add_event(sample_event("boom"))
+    fine += [fake_vod.add_event(sample_event(f"fine-{i}")) for i in range(5, 10)]
+    delivery = Delivery(sink, metrics, topic_for=lambda _: topic, dead_letter_topic=f"{topic}.dlq")
+    poller = Poller(vod_client, RaisesFor(delivery, "boom"), poller_settings(topic), metrics, ready=lambda: sink.ready)
+    task = asyncio.create_task(poller.run())
+    try:
+        # The fake's window is 1 s: VOD keeps handing the failing event out, and the poller keeps pulling.
+        await wait_until(lambda: task.done() or fake_vod.deliveries[bad_id] >= 3, timeout_s=20)
+        assert not task.done(), "the poller stopped"
+    finally:
+        poller.stop()
+        await asyncio.wait_for(task, timeout=10)
+        await sink.inner.close()
+    assert {event_id for _, event_id, _ in fake_vod.confirmed} == set(fine)
+    assert bad_id in fake_vod.pending_ids
+    first_confirm = next(r for r in fake_vod.requests if r.action == "ConfirmEvents")
+    assert first_confirm.outcome == "ok" and len(first_confirm.params["EventHandles"]) == 10, "one batch of 11"
+    assert all(confirmed_at >= sink.acked_at[h] for h, _, confirmed_at in fake_vod.confirmed)
+    errors = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert len(errors) >= 2
+    assert all(r.levelno == logging.ERROR and r.exc_info is not None for r in errors)
+    assert "PullComplete" in errors[0].getMessage() and "EH-" in errors[0].getMessage()
+    assert metrics.publish_failed.labels("pull", "internal_error")._value.get() == len(errors)
+    records = await read_records(kafka.bootstrap_servers, topic, count=10)
+    assert sorted(r.key.decode() for r in records) == sorted(f"fine-{i}" for i in range(10))
+
+
+class ConfirmRaisesOnce:
+    """A VOD client whose first ConfirmEvents raises something that is not an ``UpstreamError`` (a bug)."""
+
+    def __init__(self, inner: VodClient) -> None:
+        self.inner = inner
+        self.raised = False
+
+    async def pull_events(self) -> list[bytes]:
+        return await self.inner.pull_events()
+
+    async def confirm_events(self, handles: Sequence[str]) -> None:
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("bug in ConfirmEvents")
+        await self.inner.confirm_events(handles)
+
+
+async def test_a_batch_that_raises_does_not_stop_the_poller(
+    kafka: Kafka, topic: str, fake_vod: FakeVod, vod_client: VodClient
+) -> None:
+    metrics = Metrics()
+    sink = await connected_sink(kafka_settings(kafka, topic), metrics)
+    ids = [fake_vod.add_event(sample_event(f"again-{i}")) for i in range(3)]
+    poller = make_poller(ConfirmRaisesOnce(vod_client), sink, poller_settings(topic), metrics, topic=topic)
+    try:
+        # The unconfirmed batch comes back after the fake's 1 s window and is confirmed then.
+        await run_until(poller, lambda: not fake_vod.pending_ids)
+    finally:
+        await sink.close()
+    assert all(fake_vod.deliveries[event_id] == 2 for event_id in ids)
+    assert metrics.publish_failed.labels("pull", "internal_error")._value.get() == 1
+
+
+# ---- start-up check: the worst case must fit VOD's confirm window ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("publish_timeout_s", "request_timeout_s"),
+    [(10.0, 10.0), (2.0, 5.0), (20.0, 5.0), (29.0, 0.5)],
+)
+def test_check_window_accepts_timeouts_that_fit(publish_timeout_s: float, request_timeout_s: float) -> None:
+    check_window(publish_timeout_s, request_timeout_s)
+
+
+@pytest.mark.parametrize(
+    ("publish_timeout_s", "request_timeout_s"),
+    [(10.5, 10.0), (10.0, 10.5), (1.0, 15.0), (30.0, 0.1)],
+)
+def test_check_window_refuses_timeouts_that_cannot_fit(publish_timeout_s: float, request_timeout_s: float) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_window(publish_timeout_s, request_timeout_s)
+    message = caught.value.message
+    assert "BRIDGE_VOD_REQUEST_TIMEOUT_S" in message and "BRIDGE_KAFKA_PUBLISH_TIMEOUT_S" in message
+    assert f"{2 * request_timeout_s + publish_timeout_s:g}s exceeds the {VISIBILITY_WINDOW_S:g}s" in message
+
+
+def test_check_window_accepts_a_worst_case_equal_to_the_window() -> None:
+    # Each part is a strict bound (a pull or confirm taking its whole timeout failed; so did such a publish).
+    check_window(1.0, 1.0, window_s=3.0)
+    with pytest.raises(ConfigError, match=r"= 3s exceeds the 2\.5s"):
+        check_window(1.0, 1.0, window_s=2.5)

@@ -94,8 +94,8 @@ async def test_consumer_example_prints_each_event_once_and_commits(kafka: Kafka,
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
-        await consumer.topics()  # loads the cluster metadata
-        partitions = consumer.partitions_for_topic(topic) or set()
+        metadata = await consumer._client.fetch_all_metadata()  # all topics; consumer.topics() keeps no copy
+        partitions = metadata.partitions_for_topic(topic) or set()
         committed = [await consumer.committed(TopicPartition(topic, p)) for p in sorted(partitions)]
     finally:
         await consumer.stop()
@@ -191,7 +191,9 @@ def test_probes_security_and_grace_period() -> None:
         images |= set(re.findall(r"^\s+image: (\S+)$", text, re.MULTILINE))
         grace_s = number(r"^\s+terminationGracePeriodSeconds: (\d+)$", text)
         pre_stop_s = number(r'command: \["sleep", "(\d+)"\]', text) if name in RECEIVERS else 0
-        assert grace_s > pre_stop_s + shutdown_s + flush_s, f"{name}: SIGKILL could cut the drain short"
+        # SIGTERM ends the process within shutdown + flush + a few seconds whatever Kafka does (a bounded
+        # close abandons what it cannot flush); the grace period must cover that after the preStop sleep.
+        assert grace_s >= pre_stop_s + shutdown_s + flush_s + 5, f"{name}: SIGKILL could cut the drain short"
     assert images == {"vod-kafka-bridge:0.1.0"}
 
 

@@ -1,10 +1,13 @@
 """Faults against a real broker and the real `vod-bridge serve` process; each test prints
 ``sent / acked / in_kafka / lost`` and requires lost == 0: every event answered 200 reached Kafka.
 
-The broker is always an embedded tansu owned by the test (it must be killed and restarted). tansu keeps
-data in memory, so a killed tansu loses records it had acknowledged — which a replicated Kafka with
-acks=all does not. So before killing the broker the tests pause new requests and let the witness consumer
-see every record acked so far; "reached Kafka" means "seen by the witness".
+The broker is always an embedded one owned by the test (it must be taken away and brought back): once per
+embedded broker of BRIDGE_TEST_BROKERS (``own_broker``, ``[tansu]``/``[mock]``) where the fault allows, tansu only
+where a proxy must stand in front of the broker or the broker must restart on its port, and the mock cluster only
+for its counterpart of those (frozen, then thawed). tansu keeps data in memory, so a killed tansu loses records
+it had acknowledged — which a replicated Kafka with acks=all does not. So before killing the broker the tests
+pause new requests and let the witness consumer see every record acked so far; "reached Kafka" means "seen by
+the witness".
 """
 
 from __future__ import annotations
@@ -17,20 +20,23 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import sample_event
-from faultkit import BridgeProcess, LoadReport, Witness, bridge_env, create_topic, create_topic_on, drive, summary
+from faultkit import (
+    BridgeProcess,
+    LoadReport,
+    OwnBroker,
+    Witness,
+    bridge_env,
+    create_topic,
+    create_topic_on,
+    drive,
+    summary,
+)
+from mockcluster import MockCluster
 from tcpproxy import TcpProxy
 
 from bridge.ops.embedded import EmbeddedBroker, free_port
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker() -> Iterator[EmbeddedBroker]:
-    broker = EmbeddedBroker()
-    broker.start()
-    yield broker
-    broker.stop()
+pytestmark = [pytest.mark.integration, pytest.mark.producer]
 
 
 @pytest.fixture
@@ -41,11 +47,11 @@ def bridges() -> Iterator[list[BridgeProcess]]:
         bridge.ensure_dead()
 
 
-def env_for(bootstrap: str, topic: str, **extra: str) -> dict[str, str]:
+def env_for(bootstrap: str, topic: str, *, idempotence: bool, **extra: str) -> dict[str, str]:
     return bridge_env(
         BRIDGE_KAFKA_BOOTSTRAP_SERVERS=bootstrap,
         BRIDGE_KAFKA_TOPIC=topic,
-        BRIDGE_KAFKA_ENABLE_IDEMPOTENCE="false",
+        BRIDGE_KAFKA_ENABLE_IDEMPOTENCE=str(idempotence).lower(),
         BRIDGE_KAFKA_PUBLISH_TIMEOUT_S="2",
         **extra,
     )
@@ -56,12 +62,15 @@ async def behind_a_proxy(
     topic: str, tmp_path: Path, bridges: list[BridgeProcess]
 ) -> AsyncIterator[tuple[EmbeddedBroker, TcpProxy, BridgeProcess, Witness]]:
     """A broker advertising a TCP proxy in front of it, the topic, a running bridge and a witness, all
-    reaching Kafka through the proxy, so the test can cut the network or swap the broker behind it."""
+    reaching Kafka through the proxy, so the test can cut the network or swap the broker behind it.
+
+    tansu only: the mock cluster advertises its own ports (clients bypass a proxy after bootstrap) and cannot
+    restart on a chosen port; :func:`test_mock_cluster_frozen_mid_load_then_thawed` is its counterpart."""
     proxy_port = free_port()
     with EmbeddedBroker(advertised_port=proxy_port) as broker:
         async with TcpProxy("127.0.0.1", broker.port, listen_port=proxy_port) as proxy:
             await create_topic(proxy.address, topic)
-            bridge = BridgeProcess(env_for(proxy.address, topic), tmp_path / "bridge.log")
+            bridge = BridgeProcess(env_for(proxy.address, topic, idempotence=False), tmp_path / "bridge.log")
             bridges.append(bridge)
             await bridge.start()
             async with Witness(proxy.address, topic) as witness:
@@ -69,6 +78,7 @@ async def behind_a_proxy(
 
 
 async def test_broker_killed_mid_load_and_restarted(topic, tmp_path: Path, bridges) -> None:
+    """tansu only: restarted on its port behind a proxy (see :func:`behind_a_proxy`)."""
     report = LoadReport()
     keys = [f"bk-{i}" for i in range(300)]
     async with behind_a_proxy(topic, tmp_path, bridges) as (broker, proxy, bridge, witness):
@@ -94,6 +104,7 @@ async def test_broker_killed_mid_load_and_restarted(topic, tmp_path: Path, bridg
 
 @pytest.mark.parametrize("mode", ["reset", "blackhole"])
 async def test_network_cut_between_bridge_and_kafka(mode, topic, tmp_path: Path, bridges) -> None:
+    """tansu only: the cut needs a proxy the broker advertises (see :func:`behind_a_proxy`)."""
     report = LoadReport()
     keys = [f"cut-{mode}-{i}" for i in range(200)]
     async with behind_a_proxy(topic, tmp_path, bridges) as (_, proxy, bridge, witness):
@@ -111,14 +122,41 @@ async def test_network_cut_between_bridge_and_kafka(mode, topic, tmp_path: Path,
     assert not lost
 
 
-async def test_bridge_sigkilled_mid_load_without_spool(broker: EmbeddedBroker, topic, tmp_path, bridges) -> None:
-    await create_topic(broker.bootstrap_servers, topic)
-    bridge = BridgeProcess(env_for(broker.bootstrap_servers, topic), tmp_path / "bridge.log")
+async def test_mock_cluster_frozen_mid_load_then_thawed(topic, tmp_path: Path, bridges) -> None:
+    """The mock cluster's counterpart of the two tests above, with the production default (the idempotent
+    producer): the whole cluster freezes mid-load (SIGSTOP), as behind a firewall that drops packets, for longer
+    than the publish timeout, then thaws."""
+    report = LoadReport()
+    keys = [f"frozen-{i}" for i in range(200)]
+    with MockCluster() as cluster:
+        env = env_for(cluster.bootstrap_servers, topic, idempotence=MockCluster.supports_idempotence)
+        bridge = BridgeProcess(env, tmp_path / "bridge.log")
+        bridges.append(bridge)
+        await bridge.start()
+        async with Witness(cluster.bootstrap_servers, topic) as witness:
+            load = asyncio.create_task(drive(bridge.url, keys, concurrency=8, report=report))
+            while len(report.acked) < 50:
+                await asyncio.sleep(0.01)
+            cluster.pause()
+            await asyncio.sleep(3)  # longer than the 2 s publish timeout: callers see 503s
+            cluster.resume()
+            await load
+            lost = await witness.wait_for(set(report.acked))
+    summary("mock cluster frozen", report, witness, lost)
+    assert report.statuses.get(503, 0) > 0, "the outage was seen as 503s"
+    assert len(report.acked) == len(keys), "every event got its 200 after VOD-like retries"
+    assert not lost
+
+
+async def test_bridge_sigkilled_mid_load_without_spool(own_broker: OwnBroker, topic, tmp_path, bridges) -> None:
+    await create_topic(own_broker.bootstrap_servers, topic)
+    env = env_for(own_broker.bootstrap_servers, topic, idempotence=own_broker.supports_idempotence)
+    bridge = BridgeProcess(env, tmp_path / "bridge.log")
     bridges.append(bridge)
     await bridge.start()
     report = LoadReport()
     keys = [f"kill-{i}" for i in range(400)]
-    async with Witness(broker.bootstrap_servers, topic) as witness:
+    async with Witness(own_broker.bootstrap_servers, topic) as witness:
         load = asyncio.create_task(drive(bridge.url, keys, concurrency=16, report=report, retry_for_s=0.5))
         while len(report.acked) < 100:
             await asyncio.sleep(0.005)
@@ -130,42 +168,43 @@ async def test_bridge_sigkilled_mid_load_without_spool(broker: EmbeddedBroker, t
     assert not lost
 
 
-async def test_bridge_sigkilled_with_spooled_events_loses_nothing(topic, tmp_path: Path, bridges) -> None:
-    port = free_port()
-    broker = EmbeddedBroker(port)
-    broker.start()
+async def test_bridge_sigkilled_with_spooled_events_loses_nothing(
+    own_broker: OwnBroker, topic, tmp_path: Path, bridges
+) -> None:
     spool_dir = tmp_path / "spool"
-    env = env_for(broker.bootstrap_servers, topic, BRIDGE_SPOOL_DIR=str(spool_dir), BRIDGE_SPOOL_PUBLISH_BUDGET_S="0.5")
-    try:
-        await create_topic(broker.bootstrap_servers, topic)
-        bridge = BridgeProcess(env, tmp_path / "bridge.log")
-        bridges.append(bridge)
-        await bridge.start()
-        report = LoadReport()
-        async with Witness(broker.bootstrap_servers, topic) as witness:
-            await drive(bridge.url, [f"direct-{i}" for i in range(100)], concurrency=8, report=report)
-            assert not await witness.wait_for(set(report.acked), timeout_s=10)
-            broker.kill()  # Kafka is gone: from now on 200 means "fsync'ed in the spool"
-            load = asyncio.create_task(
-                drive(bridge.url, [f"spooled-{i}" for i in range(300)], concurrency=16, report=report, retry_for_s=1)
-            )
-            while len(report.acked) < 250:
-                await asyncio.sleep(0.005)
-            bridge.kill()  # ...and the bridge crashes with events only in its spool
-            await load
-            spooled = {key for key in report.acked if key.startswith("spooled-")}
-            assert spooled, "some events were answered 200 from the spool"
+    env = env_for(
+        own_broker.bootstrap_servers,
+        topic,
+        idempotence=own_broker.supports_idempotence,
+        BRIDGE_SPOOL_DIR=str(spool_dir),
+        BRIDGE_SPOOL_PUBLISH_BUDGET_S="0.5",
+    )
+    await create_topic(own_broker.bootstrap_servers, topic)
+    bridge = BridgeProcess(env, tmp_path / "bridge.log")
+    bridges.append(bridge)
+    await bridge.start()
+    report = LoadReport()
+    async with Witness(own_broker.bootstrap_servers, topic) as witness:
+        await drive(bridge.url, [f"direct-{i}" for i in range(100)], concurrency=8, report=report)
+        assert not await witness.wait_for(set(report.acked), timeout_s=10)
+        own_broker.take_away()  # Kafka is gone: from now on 200 means "fsync'ed in the spool"
+        load = asyncio.create_task(
+            drive(bridge.url, [f"spooled-{i}" for i in range(300)], concurrency=16, report=report, retry_for_s=1)
+        )
+        while len(report.acked) < 250:
+            await asyncio.sleep(0.005)
+        bridge.kill()  # ...and the bridge crashes with events only in its spool
+        await load
+        spooled = {key for key in report.acked if key.startswith("spooled-")}
+        assert spooled, "some events were answered 200 from the spool"
 
-            broker.start()
-            await create_topic(broker.bootstrap_servers, topic)
-            restarted = BridgeProcess(env, tmp_path / "bridge-2.log")
-            bridges.append(restarted)
-            await restarted.start()
-            lost = await witness.wait_for(set(report.acked), timeout_s=40)
-            depth = (await restarted.readyz())["spool_depth"]
-            assert await restarted.stop() == 0
-    finally:
-        broker.stop()
+        await own_broker.bring_back(topic)
+        restarted = BridgeProcess(env, tmp_path / "bridge-2.log")
+        bridges.append(restarted)
+        await restarted.start()
+        lost = await witness.wait_for(set(report.acked), timeout_s=40)
+        depth = (await restarted.readyz())["spool_depth"]
+        assert await restarted.stop() == 0
     summary("bridge SIGKILL with spool", report, witness, lost)
     assert depth == 0
     assert not lost
@@ -179,14 +218,18 @@ def rss_kib(pid: int, field: str) -> int:
 
 
 async def test_burst_of_ten_times_the_bound_sheds_load_with_bounded_memory(
-    broker: EmbeddedBroker, topic, tmp_path: Path, bridges
+    own_broker: OwnBroker, topic, tmp_path: Path, bridges
 ) -> None:
-    await create_topic(broker.bootstrap_servers, topic)
+    await create_topic(own_broker.bootstrap_servers, topic)
     bound = 50
-    bridge = BridgeProcess(
-        env_for(broker.bootstrap_servers, topic, BRIDGE_KAFKA_MAX_IN_FLIGHT=str(bound), BRIDGE_KAFKA_LINGER_MS="20"),
-        tmp_path / "bridge.log",
+    env = env_for(
+        own_broker.bootstrap_servers,
+        topic,
+        idempotence=own_broker.supports_idempotence,
+        BRIDGE_KAFKA_MAX_IN_FLIGHT=str(bound),
+        BRIDGE_KAFKA_LINGER_MS="20",
     )
+    bridge = BridgeProcess(env, tmp_path / "bridge.log")
     bridges.append(bridge)
     await bridge.start()
     assert bridge.process is not None

@@ -846,6 +846,9 @@ class Served:
     host: str
     port: int
     session: aiohttp.ClientSession
+    #: aiohttp's low-level server: ``connections`` (a connection stays listed until its handler finished) and
+    #: ``requests_count`` (requests whose head was parsed and handed to a handler) show what it is doing.
+    server: web.Server
 
     def url(self, path: str) -> str:
         return f"http://{self.host}:{self.port}{path}"
@@ -874,7 +877,8 @@ async def serve_like_cli(make_settings) -> AsyncIterator[Callable[..., Awaitable
         await wait_until(lambda: app[COMPONENTS].sink.ready, timeout_s=15)
         session = aiohttp.ClientSession()
         sessions.append(session)
-        return Served(app, host, port, session)
+        assert runner.server is not None
+        return Served(app, host, port, session, runner.server)
 
     yield serve
     for session in sessions:
@@ -939,7 +943,9 @@ async def test_slow_loris_does_not_starve_normal_requests(serve_like_cli) -> Non
     """
     served = await serve_like_cli()
     async with slow_clients(served, each=4) as kinds:
-        await asyncio.sleep(0.5)  # let them settle into their slow states
+        slow = sum(map(len, kinds.values()))
+        # Every slow connection accepted and being parsed (the normal requests below come on top of them).
+        await wait_until(lambda: len(served.server.connections) >= slow, timeout_s=5)
         for _ in range(3):
             started = time.monotonic()
             response = await served.session.post(served.url(CALLBACK), json=sample_event(f"t-{uuid.uuid4().hex}"))
@@ -985,8 +991,9 @@ async def test_client_disconnect_mid_body_is_not_an_internal_error(serve_like_cl
     with caplog.at_level(logging.INFO, logger="bridge"):
         async with raw_connection(served.host, served.port) as connection:
             await connection.send(HEAD_OF_A_POST + b"Content-Length: 2000\r\n\r\n" + sample_bytes()[:100])
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(0.3)
+            await wait_until(lambda: served.server.requests_count >= 1, timeout_s=5)  # the head reached a handler
+        # The server lists a lost connection until its handler finished: then everything it logs is logged.
+        await wait_until(lambda: not served.server.connections, timeout_s=5)
     errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert not errors, [record.getMessage() for record in errors]
 

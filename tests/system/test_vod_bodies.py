@@ -19,7 +19,7 @@ from fakevod import FakeVod
 from bridge.ops.metrics import Metrics
 from bridge.vod.api import Credentials
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.producer]
 
 BODIES = Path(__file__).resolve().parents[1] / "vod" / "bodies"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((BODIES / "expected.json").read_text())

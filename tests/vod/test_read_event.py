@@ -340,7 +340,7 @@ def test_transport_fields_are_kept_aside_on_both_results() -> None:
 
 
 def test_unreadable_transport_fields_are_unset_and_labelled() -> None:
-    body = {**sample_event("t"), "EventHandle": 17, "Sign": ["x"], "T": "1700000600"}
+    body = {**sample_event("t"), "EventHandle": 17, "Sign": ["x"], "T": True}
     event = read_event(encode(body))
     assert isinstance(event, VodEvent)
     assert (event.event_handle, event.sign, event.expires_at) == (None, None, None)

@@ -4,6 +4,9 @@ The webhook receiver acknowledges an event only once it is in the spool; a forwa
 sequence order and commits what Kafka acknowledged. Delivery is at-least-once: a lost cursor or a failed
 batch may cause re-delivery, never loss of an acknowledged record. Opening a spool recovers it from torn
 and corrupt files. The file format is in ``format``.
+
+Every flush to disk goes through one injectable *sync step* (:data:`SyncStep`, default :func:`sync_to_disk`), so
+tests can block it or record the order of syncs; the production path calls it directly.
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ import errno
 import fcntl
 import logging
 import os
+import sys
 import threading
 from array import array
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal, TypeAlias
 
 from bridge.delivery.spool.format import (
     CURSOR_NAME,
@@ -122,17 +126,32 @@ class _ReadSlice:
     fd: int | None = None
 
 
-# The disk I/O helpers are module functions so tests can substitute slow or failing ones.
+#: What a sync makes durable: a segment's records (an append, or a cut at recovery), the cursor file, bytes set
+#: aside at recovery, or a directory's entries (a file created or renamed in it).
+SyncKind: TypeAlias = Literal["segment", "cursor", "set-aside", "directory"]
+#: ``sync(fd, path, kind)`` returns once what was written through ``fd`` (the open ``path``) is on stable storage.
+SyncStep: TypeAlias = Callable[[int, Path, SyncKind], None]
 
 
-def _fsync(fd: int) -> None:
-    os.fsync(fd)
+def sync_to_disk(fd: int, path: Path, kind: SyncKind) -> None:
+    """The production :data:`SyncStep`: ``fdatasync`` for file data, ``fsync`` for directories.
+
+    ``fdatasync`` flushes a file's data and the metadata needed to read it back, which includes the size an
+    append or a cut changed; it skips timestamps. A file's name is made durable by syncing its directory.
+    """
+    if kind == "directory" or sys.platform == "darwin":  # macOS has no fdatasync
+        os.fsync(fd)
+    else:
+        os.fdatasync(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+# The other disk I/O helpers are module functions so tests can substitute slow or failing ones.
+
+
+def _sync_dir(path: Path, sync: SyncStep) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        _fsync(fd)
+        sync(fd, path, "directory")
     finally:
         os.close(fd)
 
@@ -190,7 +209,7 @@ class Spool:
         *,
         segment_max_bytes: int,
         max_bytes: int,
-        fsync: bool,
+        sync: SyncStep | None,
         lock_fd: int,
         segments: list[_Segment],
         last_seq: int,
@@ -200,7 +219,8 @@ class Spool:
         self._dir = directory
         self._segment_max_bytes = segment_max_bytes
         self._max_bytes = max_bytes
-        self._fsync = fsync
+        #: None when opened with ``fsync=False``: nothing is flushed (tests only).
+        self._sync = sync
         self._lock_fd: int | None = lock_fd
         # _state_lock guards the index (segments, sizes, seqs) and is never held across disk I/O (no read,
         # write, fsync, open or close of a file), so the event loop reading depth/last_seq never waits for the
@@ -217,7 +237,7 @@ class Spool:
         #: Set when an fsync failed: the page cache may have dropped the dirty pages, so later appends
         #: could be acknowledged on top of lost data. Reopening re-verifies the files.
         self._broken: str | None = None
-        #: Number of data fsyncs issued by ``append`` (one per batch, two if the batch crossed a segment).
+        #: Number of data syncs issued by ``append`` (one per batch, two if the batch crossed a segment).
         self.fsync_count = 0
         self.recovery_report = recovery_report
 
@@ -231,26 +251,27 @@ class Spool:
         segment_max_bytes: int = DEFAULT_SEGMENT_MAX_BYTES,
         max_bytes: int = DEFAULT_MAX_BYTES,
         fsync: bool = True,
+        sync: SyncStep = sync_to_disk,
     ) -> Spool:
         """Open (creating if needed) the spool in ``directory`` and recover it; see ``recovery_report``.
 
+        ``sync`` is called for every flush to disk (``fsync=False``: none, for tests that do not need durability).
         Raises ``SpoolInUse`` if another process holds the spool, ``SpoolError`` if the directory is unusable.
         """
         if segment_max_bytes <= 0 or max_bytes <= 0:
             raise ValueError("segment_max_bytes and max_bytes must be positive")
         directory = Path(directory)
+        step = sync if fsync else None
         try:
             created = not directory.exists()
             directory.mkdir(parents=True, exist_ok=True)
-            if created and fsync:
-                _fsync_dir(directory.parent)
+            if created and step is not None:
+                _sync_dir(directory.parent, step)
         except OSError as exc:
             raise SpoolError(f"cannot open spool directory {directory}: {exc}") from exc
         lock_fd = _lock(directory)
         try:
-            return cls._recover(
-                directory, lock_fd, segment_max_bytes=segment_max_bytes, max_bytes=max_bytes, fsync=fsync
-            )
+            return cls._recover(directory, lock_fd, segment_max_bytes=segment_max_bytes, max_bytes=max_bytes, sync=step)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -286,7 +307,9 @@ class Spool:
         return SpoolStatus(directory, committed, last_seq)
 
     @classmethod
-    def _recover(cls, directory: Path, lock_fd: int, *, segment_max_bytes: int, max_bytes: int, fsync: bool) -> Spool:
+    def _recover(
+        cls, directory: Path, lock_fd: int, *, segment_max_bytes: int, max_bytes: int, sync: SyncStep | None
+    ) -> Spool:
         report: list[SpoolProblem] = []
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -297,7 +320,7 @@ class Spool:
             last_good = named[0][0] - 1 if named else 0
             for n, (first_seq, path) in enumerate(named):
                 seg, last_good = cls._recover_segment(
-                    path, last_good, report, first_seq=first_seq, is_last=n == len(named) - 1, fsync=fsync
+                    path, last_good, report, first_seq=first_seq, is_last=n == len(named) - 1, sync=sync
                 )
                 segments.append(seg)
         except OSError as exc:
@@ -314,8 +337,8 @@ class Spool:
                 # Start a fresh segment so sequence numbers inside each file stay contiguous.
                 active = _Segment(first_seq=last_seq + 1, path=directory / segment_name(last_seq + 1))
                 active.fd = os.open(active.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                if fsync:
-                    _fsync_dir(directory)
+                if sync is not None:
+                    _sync_dir(directory, sync)
                 segments.append(active)
             else:
                 active.fd = os.open(active.path, os.O_RDWR | os.O_CLOEXEC)
@@ -326,7 +349,7 @@ class Spool:
             directory,
             segment_max_bytes=segment_max_bytes,
             max_bytes=max_bytes,
-            fsync=fsync,
+            sync=sync,
             lock_fd=lock_fd,
             segments=segments,
             last_seq=last_seq,
@@ -360,7 +383,13 @@ class Spool:
 
     @staticmethod
     def _recover_segment(
-        path: Path, last_good: int, report: list[SpoolProblem], *, first_seq: int, is_last: bool, fsync: bool
+        path: Path,
+        last_good: int,
+        report: list[SpoolProblem],
+        *,
+        first_seq: int,
+        is_last: bool,
+        sync: SyncStep | None,
     ) -> tuple[_Segment, int]:
         """Index ``path``, skipping or cutting away anything that is not a valid next record.
 
@@ -383,7 +412,7 @@ class Spool:
                 )
                 continue
             end = defect.offset + defect.skipped_bytes
-            moved_to = _set_aside(path, data, defect.offset, end, fsync=fsync)
+            moved_to = _set_aside(path, data, defect.offset, end, sync=sync)
             problem = SpoolProblem(path.name, defect.offset, defect.reason, defect.skipped_bytes, moved_to)
             report.append(problem)
             logger.warning(
@@ -397,11 +426,11 @@ class Spool:
             )
         if scan.cut_at is not None:
             # Nothing valid follows; those bytes were just copied aside.
-            _truncate(path, scan.cut_at, fsync=fsync)
+            _truncate(path, scan.cut_at, sync=sync)
             seg.size = scan.cut_at
         if is_last and scan.good_end < seg.size:
             # Everything after the last good record was reported and copied aside; appends go right after it.
-            _truncate(path, scan.good_end, fsync=fsync)
+            _truncate(path, scan.good_end, sync=sync)
             seg.size = scan.good_end
         return seg, scan.last_good
 
@@ -519,9 +548,9 @@ class Spool:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull(f"no space left for the spool: {exc}") from exc
             raise SpoolError(f"spool write failed: {exc}") from exc
-        if self._fsync:
+        if self._sync is not None:
             try:
-                _fsync(seg.fd)
+                self._sync(seg.fd, seg.path, "segment")
             except OSError as exc:
                 self._broken = str(exc)
                 raise SpoolError(f"spool fsync failed: {exc}") from exc
@@ -540,9 +569,9 @@ class Spool:
         path = self._dir / segment_name(first_seq)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            if self._fsync:
+            if self._sync is not None:
                 # The new name must be durable before records in it are acknowledged.
-                _fsync_dir(self._dir)
+                _sync_dir(self._dir, self._sync)
         except OSError as exc:
             raise SpoolError(f"cannot create segment {path.name}: {exc}") from exc
         seg = _Segment(first_seq=first_seq, path=path, fd=fd)
@@ -692,13 +721,14 @@ class Spool:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 _pwrite_all(fd, encode_cursor(seq), 0)
-                if self._fsync:
-                    _fsync(fd)
+                if self._sync is not None:
+                    self._sync(fd, tmp, "cursor")
             finally:
                 os.close(fd)
             os.replace(tmp, self._dir / CURSOR_NAME)
-            if self._fsync:
-                _fsync_dir(self._dir)
+            if self._sync is not None:
+                # The rename must be durable before commit() deletes the segments the new cursor skips.
+                _sync_dir(self._dir, self._sync)
         except OSError as exc:
             raise SpoolError(f"cannot write spool cursor: {exc}") from exc
 
@@ -762,33 +792,33 @@ class Spool:
         self.close()
 
 
-def _set_aside(path: Path, data: bytes, start: int, end: int, *, fsync: bool) -> str:
+def _set_aside(path: Path, data: bytes, start: int, end: int, *, sync: SyncStep | None) -> str:
     """Copy ``data[start:end]`` to ``<path>.corrupt-<start>`` and return that file's name."""
     aside = path.with_name(f"{path.name}.corrupt-{start}")
     try:
         fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             _pwrite_all(fd, data[start:end], 0)
-            if fsync:
-                _fsync(fd)
+            if sync is not None:
+                sync(fd, aside, "set-aside")
         finally:
             os.close(fd)
-        if fsync:
+        if sync is not None:
             # The copy's name must be durable before the segment is cut.
-            _fsync_dir(path.parent)
+            _sync_dir(path.parent, sync)
     except OSError as exc:
         # Refuse to cut bytes we could not preserve.
         raise SpoolError(f"cannot set aside corrupt bytes of {path.name} to {aside.name}: {exc}") from exc
     return aside.name
 
 
-def _truncate(path: Path, size: int, *, fsync: bool) -> None:
+def _truncate(path: Path, size: int, *, sync: SyncStep | None) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         os.ftruncate(fd, size)
-        if fsync:
-            _fsync(fd)
+        if sync is not None:
+            sync(fd, path, "segment")
     finally:
         os.close(fd)
-    if fsync:
-        _fsync_dir(path.parent)
+    if sync is not None:
+        _sync_dir(path.parent, sync)
