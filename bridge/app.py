@@ -16,9 +16,9 @@ import aiohttp
 from aiohttp import web
 
 from bridge.config import Settings, parse_networks
+from bridge.delivery.clients import ProducerSink, make_sink
 from bridge.delivery.dedup import DedupWindow
 from bridge.delivery.forwarder import SpoolForwarder
-from bridge.delivery.kafka import KafkaSink
 from bridge.delivery.pipeline import Delivery
 from bridge.delivery.spool import AsyncSpool, Spool
 from bridge.errors import BridgeError, ConfigError
@@ -45,7 +45,7 @@ class Components:
 
     settings: Settings
     metrics: Metrics
-    sink: KafkaSink
+    sink: ProducerSink
     delivery: Delivery
     #: Set once the spool is open (start-up), when ``BRIDGE_SPOOL_DIR`` is set.
     forwarder: SpoolForwarder | None = None
@@ -87,7 +87,7 @@ def create_app(
         )
     metrics = metrics or Metrics()
     http, delivery_settings = settings.http, settings.delivery
-    sink = KafkaSink(settings.kafka, metrics, max_record_bytes=http.max_body_bytes, on_fatal=on_fatal)
+    sink = make_sink(settings.kafka, metrics, max_record_bytes=http.max_body_bytes, on_fatal=on_fatal)
     dedup = (
         DedupWindow(delivery_settings.dedup_window_s, delivery_settings.dedup_max_entries)
         if delivery_settings.dedup_window_s > 0

@@ -27,6 +27,7 @@ from aiohttp import web
 from bridge import __version__
 from bridge.app import COMPONENTS, create_app, freeze_gc, runner_options
 from bridge.config import ENV_VARS, EventLoop, Settings, load_settings
+from bridge.delivery.clients import check_client
 from bridge.delivery.spool import check_no_stranded
 from bridge.errors import BridgeError, ConfigError
 from bridge.ops.embedded import EmbeddedBroker
@@ -146,6 +147,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         credentials = Credentials.from_env(env) if settings.poller.enabled else None
         # Before the app opens the spool: spools this worker count would never open must not be stranded.
         check_no_stranded(settings.spool.dir, settings.workers)
+        check_client(settings.kafka)
         if settings.poller.enabled:
             # A confirm must still fit VOD's 30 s window after the slowest pull and publish.
             check_window(settings.kafka.publish_timeout_s, settings.poller.request_timeout_s)

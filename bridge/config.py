@@ -23,6 +23,7 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogFormat = Literal["auto", "text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
+KafkaClient = Literal["aiokafka", "librdkafka"]
 InvalidPolicy = Literal["dead-letter", "reject"]
 
 _MASK: Final = "'***'"
@@ -58,6 +59,9 @@ class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: A producer whose sender died is replaced; after this many failed connection attempts the process
     #: exits non-zero so that its orchestrator restarts it.
     replace_max_attempts: int = 10
+    #: The producer library behind the sink: aiokafka (pure Python) or librdkafka (confluent-kafka, the
+    #: ``librdkafka`` extra). Same records, partitions and acks either way (README "Kafka client").
+    client: KafkaClient = "aiokafka"
 
     def __repr__(self) -> str:
         return _masked_repr(self, ("sasl_password",))
@@ -227,6 +231,11 @@ ENV_VARS: Final = (
         "BRIDGE_KAFKA_REPLACE_MAX_ATTEMPTS",
         "kafka.replace_max_attempts",
         "failed attempts to replace a producer whose sender died before the process exits (code 3)",
+    ),
+    EnvVar(
+        "BRIDGE_KAFKA_CLIENT",
+        "kafka.client",
+        '`aiokafka` or `librdkafka` (the `librdkafka` extra); see "Kafka client"',
     ),
     # HTTP: the callback source (bridge.sources.callback) and the server.
     EnvVar("BRIDGE_HTTP_HOST", "http.host", "listen address", flag=True),

@@ -1,5 +1,6 @@
 """Shared pieces of the process-level tests: the real `vod-bridge` process, a retrying load generator (as
-VOD retries), and a witness consumer that records every key that ever reached Kafka."""
+VOD retries), a witness consumer that records every key that ever reached Kafka, and a broker whose acks a test
+can hold back (:class:`AckHoldingBroker`)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import IncompatibleBrokerVersion, TopicAlreadyExistsError
-from conftest import sample_event
+from conftest import read_records, sample_event
 from mockcluster import MockCluster
+from prometheus_client.parser import text_string_to_metric_families
+from tcpproxy import TcpProxy
 
 from bridge.ops.embedded import EmbeddedBroker, broker_binary, free_port
 
@@ -85,6 +88,55 @@ class BridgeProcess:
     async def readyz(self) -> dict[str, Any]:
         async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{self.port}/readyz") as r:
             return dict(await r.json())
+
+    async def metric(self, name: str) -> float:
+        """The value of an unlabelled metric of the bridge's ``/metrics`` (see :func:`metric_value`)."""
+        return await metric_value(self.port, name)
+
+
+async def metric_value(port: int, name: str) -> float:
+    """The value of the sample ``name`` (an unlabelled gauge, e.g. ``vod_bridge_publish_in_flight``) on the
+    ``/metrics`` of the bridge listening on ``port``."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise LookupError(f"no metric {name!r} on port {port}")
+
+
+async def keys_in_kafka(bootstrap_servers: str, topic: str, *, at_least: int, timeout_s: float = 10.0) -> list[str]:
+    """The keys of every record of ``topic``, in (partition, offset) order: once ``at_least`` records are there
+    (and a little longer, to catch extras); if they never are, whatever there is after ``timeout_s``, so that the
+    test's own assertion names what is missing."""
+    try:
+        records = await read_records(bootstrap_servers, topic, count=at_least, timeout_s=timeout_s)
+    except TimeoutError:
+        records = await read_records(bootstrap_servers, topic, count=0, settle_s=2.0)
+    return [record.key.decode() for record in records]
+
+
+def connected_ports(pid: int, *, remote_port: int | None = None) -> set[int]:
+    """The local ports of the TCP connections process ``pid`` has open (to ``remote_port`` only, if given), read
+    from ``/proc``: which of a proxy's clients are that process (``TcpProxy.hold(clients=...)``)."""
+    inodes = set()
+    with contextlib.suppress(FileNotFoundError):  # the process is gone: no connections
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/net/{table}") as lines:
+            next(lines)  # the header
+            for line in lines:
+                fields = line.split()
+                local, remote, inode = fields[1], fields[2], fields[9]
+                if inode in inodes and (remote_port is None or int(remote.rsplit(":", 1)[1], 16) == remote_port):
+                    ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
 
 
 @dataclass
@@ -158,6 +210,8 @@ class Witness:
 
     def __init__(self, bootstrap_servers: str, topic: str) -> None:
         self.seen: set[str] = set()
+        #: Per partition, the offset after the last record read (see :meth:`catch_up`).
+        self.next_offsets: dict[TopicPartition, int] = {}
         self._consumer = AIOKafkaConsumer(
             topic,
             bootstrap_servers=bootstrap_servers,
@@ -182,9 +236,26 @@ class Witness:
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(Exception):
-                for records in (await self._consumer.getmany(timeout_ms=200)).values():
+                for partition, records in (await self._consumer.getmany(timeout_ms=200)).items():
                     self.seen.update(r.key.decode() for r in records)
+                    if records:
+                        self.next_offsets[partition] = max(self.next_offsets.get(partition, 0), records[-1].offset + 1)
             await asyncio.sleep(0)
+
+    async def catch_up(self, timeout_s: float = 10) -> dict[TopicPartition, int]:
+        """Wait until the witness read every record the broker holds now: up to the end offsets of the topic's
+        partitions, asked for when called (returned). Meant for before a broker is killed: a restarted in-memory
+        broker counts offsets from 0 again."""
+        partitions = self._consumer.assignment()
+        assert partitions, "the witness has no partitions yet"
+        ends: dict[TopicPartition, int] = await self._consumer.end_offsets(list(partitions))
+        try:
+            async with asyncio.timeout(timeout_s):
+                while any(self.next_offsets.get(partition, 0) < end for partition, end in ends.items()):
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            raise AssertionError(f"the witness read up to {self.next_offsets}, not {ends}") from None
+        return ends
 
     async def wait_for(self, keys: set[str], timeout_s: float = 30) -> set[str]:
         """Wait until every key was seen; return the ones that never were.
@@ -280,6 +351,80 @@ class OwnBroker:
         self.broker.start()
         for topic in topics:
             await create_topic(self.broker.bootstrap_servers, topic)
+
+
+class AckHoldingBroker:
+    """An embedded broker (``tansu`` or ``mock``) whose answers to its clients a test can hold back, and then
+    release: publishes stay in flight, their acks waiting, for as long as the test wants.
+
+    - tansu sits behind a :class:`TcpProxy` it advertises; :meth:`hold` holds the broker-to-client direction,
+      so produce requests reach the broker and are appended, and their acks wait in the proxy
+      (:attr:`held_bytes`);
+    - the mock cluster advertises its own ports (no proxy possible), so it is frozen (SIGSTOP): requests wait
+      unanswered in its sockets; :meth:`release` thaws it and it answers them, in order.
+
+    Either way nothing is lost: the acks come once released. ``bootstrap_servers`` is what clients use.
+    """
+
+    def __init__(self, name: str) -> None:
+        if name not in ("tansu", "mock"):
+            raise ValueError(f"unknown embedded broker {name!r}")
+        self.name = name
+        self.proxy: TcpProxy | None = None
+        self._tansu: EmbeddedBroker | None = None
+        self._mock: MockCluster | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        if self.proxy is not None:
+            return self.proxy.address
+        assert self._mock is not None
+        return self._mock.bootstrap_servers
+
+    @property
+    def supports_idempotence(self) -> bool:
+        return self.name == "mock"
+
+    @property
+    def held_bytes(self) -> int | None:
+        """Bytes of the broker's answers held in the proxy now (tansu); ``None`` for the frozen mock cluster,
+        which has not answered yet."""
+        return self.proxy.held_bytes if self.proxy is not None else None
+
+    def hold(self) -> None:
+        if self.proxy is not None:
+            self.proxy.hold("downstream")
+        else:
+            assert self._mock is not None
+            self._mock.pause()
+
+    def release(self) -> None:
+        if self.proxy is not None:
+            self.proxy.release()
+        else:
+            assert self._mock is not None
+            self._mock.resume()
+
+    async def __aenter__(self) -> AckHoldingBroker:
+        if self.name == "mock":
+            self._mock = MockCluster()
+            self._mock.start()
+            return self
+        proxy_port = free_port()
+        self._tansu = EmbeddedBroker(advertised_port=proxy_port)
+        self._tansu.start()
+        self.proxy = TcpProxy("127.0.0.1", self._tansu.port, listen_port=proxy_port)
+        await self.proxy.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.proxy is not None:
+            self.proxy.release()
+            await self.proxy.close()
+        if self._tansu is not None:
+            self._tansu.stop()
+        if self._mock is not None:
+            self._mock.stop()
 
 
 def create_topic_on(broker: EmbeddedBroker, topic: str, partitions: int = 4) -> None:

@@ -22,9 +22,16 @@ Two ways to cut:
     heals it like a partition that heals before TCP gives up: held data is delivered in order, and waiting
     connections are connected upstream. A client that timed out and closed meanwhile is seen as closed.
 
+Holding one direction (:meth:`TcpProxy.hold`, :meth:`TcpProxy.release`): data keeps flowing the other way,
+so a request reaches the server and its answer waits in the proxy (a Kafka produce request is appended by the
+broker, its ack held), optionally only on the connections of some clients (``clients=``, a predicate on the
+client's ``(host, port)``; e.g. the connections of one process, see ``faultkit.connected_ports``). Released, the
+held data is delivered in order; a cut in ``reset`` mode discards it with the connections.
+
 Counters: :attr:`TcpProxy.connections` (accepted), :attr:`TcpProxy.active`, :attr:`TcpProxy.resets`
-(connections reset by a cut), :attr:`TcpProxy.bytes_upstream` (client to target) and
-:attr:`TcpProxy.bytes_downstream` (target to client).
+(connections reset by a cut), :attr:`TcpProxy.bytes_upstream` (client to target),
+:attr:`TcpProxy.bytes_downstream` (target to client) and :attr:`TcpProxy.held_bytes` (read, and waiting at a
+hold now).
 
 Kafka note: a broker advertises its own listener address in its metadata and clients then connect there,
 bypassing a proxy given only as bootstrap server. Put a proxy in front of a broker only when the broker
@@ -38,10 +45,13 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 from types import TracebackType
 from typing import Literal
 
 CutMode = Literal["reset", "blackhole"]
+#: ``upstream``: client to target; ``downstream``: target to client.
+Direction = Literal["upstream", "downstream"]
 
 _CHUNK = 64 * 1024
 
@@ -62,6 +72,15 @@ class _Link:
         self.client_writer = client_writer
         self.target_writer: asyncio.StreamWriter | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        #: Set while the direction flows; cleared by :meth:`TcpProxy.hold` for this link.
+        self.open: dict[Direction, asyncio.Event] = {"upstream": asyncio.Event(), "downstream": asyncio.Event()}
+        for event in self.open.values():
+            event.set()
+
+    @property
+    def client(self) -> tuple[str, int]:
+        peer = self.client_writer.get_extra_info("peername")
+        return (str(peer[0]), int(peer[1])) if peer else ("", 0)
 
     def reset(self) -> None:
         for task in self.tasks:
@@ -84,6 +103,10 @@ class TcpProxy:
         self.resets = 0
         self.bytes_upstream = 0
         self.bytes_downstream = 0
+        #: Bytes read from one side and waiting at a hold (not yet passed on) right now.
+        self.held_bytes = 0
+        #: The current hold: its direction and which clients' connections it holds (``None``: all).
+        self._hold: tuple[Direction, Callable[[tuple[str, int]], bool] | None] | None = None
         self._mode: CutMode | None = None
         #: Set while forwarding; pumps and new connections wait on it during a blackhole.
         self._flowing = asyncio.Event()
@@ -137,6 +160,32 @@ class TcpProxy:
         self._mode = None
         self._flowing.set()
 
+    def hold(
+        self, direction: Direction = "downstream", *, clients: Callable[[tuple[str, int]], bool] | None = None
+    ) -> None:
+        """Hold the data of one direction (the other keeps flowing), on the connections whose client address
+        ``clients`` accepts (all by default): open ones now, new ones when accepted while the hold lasts. A new
+        hold replaces the previous one."""
+        if direction not in ("upstream", "downstream"):
+            raise ValueError(f"unknown direction {direction!r}")
+        self.release()
+        self._hold = (direction, clients)
+        for link in self._links:
+            self._apply_hold(link)
+
+    def release(self) -> None:
+        """End the hold: the held data is passed on, in order."""
+        self._hold = None
+        for link in self._links:
+            for event in link.open.values():
+                event.set()
+
+    def _apply_hold(self, link: _Link) -> None:
+        if self._hold is not None:
+            direction, clients = self._hold
+            if clients is None or clients(link.client):
+                link.open[direction].clear()
+
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._on_connect, "127.0.0.1", self._port, reuse_address=True)
 
@@ -180,6 +229,7 @@ class TcpProxy:
         self.connections += 1
         link = _Link(client_writer)
         self._links.add(link)
+        self._apply_hold(link)
         try:
             await self._serve(link, client_reader)
         except asyncio.CancelledError:
@@ -210,18 +260,28 @@ class TcpProxy:
         if link not in self._links:  # reset while connecting
             target_writer.transport.abort()
             return
-        upstream = asyncio.create_task(self._pump(client_reader, target_writer, upstream=True))
-        downstream = asyncio.create_task(self._pump(target_reader, link.client_writer, upstream=False))
+        upstream = asyncio.create_task(self._pump(client_reader, target_writer, upstream=True, link=link))
+        downstream = asyncio.create_task(self._pump(target_reader, link.client_writer, upstream=False, link=link))
         link.tasks = {upstream, downstream}
         # Each side's EOF is passed on (half-close); the link ends when both directions ended.
         await asyncio.gather(upstream, downstream, return_exceptions=True)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool, link: _Link
+    ) -> None:
+        gate = link.open["upstream" if upstream else "downstream"]
         try:
             while True:
                 data = await reader.read(_CHUNK)
                 # During a blackhole the data read is held here (and TCP back-pressure builds behind it).
                 await self._flowing.wait()
+                if not gate.is_set():  # held in this direction: the same, for this link and direction only
+                    self.held_bytes += len(data)
+                    try:
+                        await gate.wait()
+                    finally:
+                        self.held_bytes -= len(data)
+                    await self._flowing.wait()  # a cut may have begun meanwhile
                 if not data:
                     if writer.can_write_eof():
                         writer.write_eof()

@@ -45,7 +45,8 @@ from aiokafka.errors import KafkaError, UnsupportedVersionError
 
 from bridge.config import KafkaSettings, Settings
 from bridge.delivery import records
-from bridge.delivery.kafka import KafkaSink, connection_options
+from bridge.delivery.clients import ProducerSink, make_sink
+from bridge.delivery.kafka import connection_options
 from bridge.delivery.records import Headers, Source
 from bridge.delivery.sink import Sink
 from bridge.errors import BridgeError, ConfigError, InvalidPayload, PublishFailed
@@ -527,7 +528,7 @@ async def redrive_dead_letters(
     on_record: Callable[[RecordOutcome], None] | None = None,
 ) -> RedriveReport:
     """The command: read ``settings.delivery.dead_letter_topic`` from ``start`` to the end offsets of now,
-    publish what now decodes through a :class:`KafkaSink` (none for ``dry_run``); see the module docstring.
+    publish what now decodes through the configured sink (none for ``dry_run``); see the module docstring.
 
     Raises :class:`KafkaUnavailable` when Kafka cannot be reached within ``timeout_s``, and ``ConfigError``
     (:class:`TopicNotFound`, :class:`SinceUnsupported`, ``IdempotenceUnsupported``) for what a re-run with the
@@ -535,7 +536,7 @@ async def redrive_dead_letters(
     """
     topic = settings.delivery.dead_letter_topic
     async with DeadLetterReader(settings.kafka, topic, start, timeout_s=timeout_s) as reader:
-        sink = None if dry_run else KafkaSink(settings.kafka, Metrics())
+        sink = None if dry_run else make_sink(settings.kafka, Metrics())
         try:
             if sink is not None:
                 try:
@@ -563,7 +564,7 @@ async def redrive_dead_letters(
     return report
 
 
-async def _close(sink: KafkaSink, timeout_s: float) -> None:
+async def _close(sink: ProducerSink, timeout_s: float) -> None:
     # Every send was awaited, so there is nothing to flush unless Kafka vanished; then do not wait forever.
     try:
         async with asyncio.timeout(timeout_s):

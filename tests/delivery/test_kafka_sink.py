@@ -1,4 +1,5 @@
-"""The aiokafka sink against a broker that goes away: a bounded close, and a producer that cannot come back."""
+"""The sink against a broker that goes away, with either Kafka client: a bounded close; and an aiokafka producer
+that cannot come back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 from conftest import wait_until
 
-from bridge.config import KafkaSettings
+from bridge.config import KafkaClient, KafkaSettings
+from bridge.delivery.clients import make_sink
 from bridge.delivery.kafka import KafkaSink, ProducerUnavailable
 from bridge.errors import NotReady, PublishFailed
 from bridge.ops.embedded import EmbeddedBroker
@@ -25,6 +27,13 @@ def own_broker() -> Iterator[EmbeddedBroker]:
         yield broker
 
 
+@pytest.fixture(params=["aiokafka", "librdkafka"])
+def sink_client(request: pytest.FixtureRequest) -> KafkaClient:
+    """The Kafka client behind the sink (``BRIDGE_KAFKA_CLIENT``): tests taking it run once with each."""
+    client: KafkaClient = request.param
+    return client
+
+
 def settings_for(broker: EmbeddedBroker, **overrides: object) -> KafkaSettings:
     return KafkaSettings(
         bootstrap_servers=broker.bootstrap_servers,
@@ -35,8 +44,10 @@ def settings_for(broker: EmbeddedBroker, **overrides: object) -> KafkaSettings:
     )
 
 
-async def test_close_gives_up_on_undeliverable_records_within_its_bound(own_broker: EmbeddedBroker) -> None:
-    sink = KafkaSink(settings_for(own_broker), Metrics())
+async def test_close_gives_up_on_undeliverable_records_within_its_bound(
+    own_broker: EmbeddedBroker, sink_client: KafkaClient
+) -> None:
+    sink = make_sink(settings_for(own_broker, client=sink_client), Metrics())
     await asyncio.wait_for(sink.connect(), timeout=15)
     await sink.send("sink-test", b"k", b"before", [])
     own_broker.kill()
@@ -50,14 +61,17 @@ async def test_close_gives_up_on_undeliverable_records_within_its_bound(own_brok
     assert abandoned == sink.abandoned == 1, "the record Kafka never acknowledged is counted, not hidden"
 
 
-async def test_close_with_nothing_pending_abandons_nothing(own_broker: EmbeddedBroker) -> None:
-    sink = KafkaSink(settings_for(own_broker), Metrics())
+async def test_close_with_nothing_pending_abandons_nothing(
+    own_broker: EmbeddedBroker, sink_client: KafkaClient
+) -> None:
+    sink = make_sink(settings_for(own_broker, client=sink_client), Metrics())
     await asyncio.wait_for(sink.connect(), timeout=15)
     await sink.send("sink-test", b"k", b"acked", [])
     assert await sink.close(flush_timeout_s=5.0) == 0 and sink.abandoned == 0
 
 
 async def test_a_producer_that_cannot_be_replaced_is_fatal(own_broker: EmbeddedBroker) -> None:
+    """aiokafka only: librdkafka has no sender task to die (its fatal errors: test_librdkafka.py)."""
     fatal: list[BaseException] = []
     sink = KafkaSink(settings_for(own_broker, replace_max_attempts=2), Metrics(), on_fatal=fatal.append)
     await asyncio.wait_for(sink.connect(), timeout=15)

@@ -5,9 +5,11 @@ The broker is always an embedded one owned by the test (it must be taken away an
 embedded broker of BRIDGE_TEST_BROKERS (``own_broker``, ``[tansu]``/``[mock]``) where the fault allows, tansu only
 where a proxy must stand in front of the broker or the broker must restart on its port, and the mock cluster only
 for its counterpart of those (frozen, then thawed). tansu keeps data in memory, so a killed tansu loses records
-it had acknowledged — which a replicated Kafka with acks=all does not. So before killing the broker the tests
-pause new requests and let the witness consumer see every record acked so far; "reached Kafka" means "seen by
-the witness".
+it had acknowledged — which a replicated Kafka with acks=all does not. So "reached Kafka" means "seen by the
+witness consumer" (before the crash, or after the restart), and before killing the broker the test holds the
+broker's answers to the bridge (the proxy holds that direction for the bridge's connections only) and lets the
+witness read everything the broker holds: the kill then comes with produce requests in flight, their records
+appended and their acks held, and no record acknowledged to the bridge is unknown to the witness.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import sample_event
+from conftest import sample_event, wait_until
 from faultkit import (
     BridgeProcess,
     LoadReport,
     OwnBroker,
     Witness,
     bridge_env,
+    connected_ports,
     create_topic,
     create_topic_on,
     drive,
+    keys_in_kafka,
     summary,
 )
 from mockcluster import MockCluster
@@ -57,6 +61,16 @@ def env_for(bootstrap: str, topic: str, *, idempotence: bool, **extra: str) -> d
     )
 
 
+async def publishes_in_flight(bridge: BridgeProcess, *, timeout_s: float) -> float:
+    """The bridge's publishes awaiting a Kafka ack, once there are any (0 if none within ``timeout_s``)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (count := await bridge.metric("vod_bridge_publish_in_flight")) == 0:
+        if asyncio.get_running_loop().time() >= deadline:
+            break
+        await asyncio.sleep(0.02)
+    return count
+
+
 @contextlib.asynccontextmanager
 async def behind_a_proxy(
     topic: str, tmp_path: Path, bridges: list[BridgeProcess]
@@ -78,19 +92,39 @@ async def behind_a_proxy(
 
 
 async def test_broker_killed_mid_load_and_restarted(topic, tmp_path: Path, bridges) -> None:
-    """tansu only: restarted on its port behind a proxy (see :func:`behind_a_proxy`)."""
+    """tansu only: restarted on its port behind a proxy (see :func:`behind_a_proxy`).
+
+    The broker is SIGKILLed under load, with produce requests in flight: the proxy holds the broker's answers on
+    the bridge's connections, so the bridge's requests reach the broker and are appended while their acks wait;
+    the witness, not held, reads everything the broker holds, and then the broker dies with those acks. Every
+    key answered 200 must be in Kafka: seen by the witness before the crash, or written again after it.
+    """
     report = LoadReport()
-    keys = [f"bk-{i}" for i in range(300)]
+    # Enough that the load still runs when the fault comes: the mock cluster takes 50 callbacks in ~20 ms here.
+    keys = [f"bk-{i}" for i in range(600)]
     async with behind_a_proxy(topic, tmp_path, bridges) as (broker, proxy, bridge, witness):
         load = asyncio.create_task(drive(bridge.url, keys, concurrency=8, report=report))
-        while len(report.acked) < 100:
-            await asyncio.sleep(0.01)
-        await report.pause()
-        assert not await witness.wait_for(set(report.acked), timeout_s=10)
-        proxy.cut("reset")  # keeps clients away from the restarted broker until its topic exists
+        await wait_until(lambda: len(report.acked) >= 100, timeout_s=30, interval_s=0.005)
+        assert bridge.process is not None
+        pid = bridge.process.pid
+        proxy.hold("downstream", clients=lambda client: client[1] in connected_ports(pid, remote_port=proxy.port))
+        # Acks of records the broker appended wait in the proxy, and callbacks wait for them.
+        with contextlib.suppress(TimeoutError):
+            await wait_until(lambda: proxy.held_bytes > 0 and report.in_flight > 0, timeout_s=5)
+        publishing = await publishes_in_flight(bridge, timeout_s=2)
+        # Up to the broker's end offsets now: every record whose ack reached the bridge, before the hold.
+        await witness.catch_up()
+        assert report.acked <= witness.seen, "every 200 so far is in Kafka"
+        in_flight, held = report.in_flight, proxy.held_bytes  # no await between this and the kill
         broker.kill()
-        report.gate.set()  # the load goes on against a bridge without Kafka
-        await asyncio.sleep(3.5)  # longer than the 2 s publish timeout: callers see 503s
+        print(f"at the kill: {in_flight} callbacks and {publishing:g} publishes in flight, {held} bytes of acks held")
+        assert in_flight > 0 and publishing > 0, "the kill comes with callbacks waiting for Kafka acks"
+        assert held > 0, "...and with acks of records the broker appended, which the kill takes with it"
+        proxy.cut("reset")  # the held acks go with the connections; clients stay away until the topic exists again
+        proxy.release()
+        # The load goes on against a bridge without Kafka: the callbacks in flight, and the next ones, get 503s
+        # once the 2 s publish timeout passes.
+        await wait_until(lambda: report.statuses.get(503, 0) > 0, timeout_s=10)
         broker.start()
         create_topic_on(broker, topic)
         proxy.restore()
@@ -99,20 +133,22 @@ async def test_broker_killed_mid_load_and_restarted(topic, tmp_path: Path, bridg
     summary("broker killed", report, witness, lost)
     assert report.statuses.get(503, 0) > 0, "the outage was seen as 503s"
     assert len(report.acked) == len(keys), "every event got its 200 after VOD-like retries"
-    assert not lost
+    assert not lost, "every key answered 200 is in Kafka"
 
 
 @pytest.mark.parametrize("mode", ["reset", "blackhole"])
 async def test_network_cut_between_bridge_and_kafka(mode, topic, tmp_path: Path, bridges) -> None:
     """tansu only: the cut needs a proxy the broker advertises (see :func:`behind_a_proxy`)."""
     report = LoadReport()
-    keys = [f"cut-{mode}-{i}" for i in range(200)]
+    keys = [f"cut-{mode}-{i}" for i in range(600)]
     async with behind_a_proxy(topic, tmp_path, bridges) as (_, proxy, bridge, witness):
         load = asyncio.create_task(drive(bridge.url, keys, concurrency=8, report=report))
-        while len(report.acked) < 50:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: len(report.acked) >= 50 and report.in_flight > 0, timeout_s=30, interval_s=0.005)
+        in_flight = report.in_flight  # no await between this and the cut: the count at the cut
         proxy.cut(mode)
-        await asyncio.sleep(3)
+        assert in_flight > 0, "the cut comes with callbacks in flight"
+        # Callbacks get 503s once the 2 s publish timeout passes without Kafka.
+        await wait_until(lambda: report.statuses.get(503, 0) > 0, timeout_s=10)
         proxy.restore()
         await load
         lost = await witness.wait_for(set(report.acked))
@@ -127,7 +163,7 @@ async def test_mock_cluster_frozen_mid_load_then_thawed(topic, tmp_path: Path, b
     producer): the whole cluster freezes mid-load (SIGSTOP), as behind a firewall that drops packets, for longer
     than the publish timeout, then thaws."""
     report = LoadReport()
-    keys = [f"frozen-{i}" for i in range(200)]
+    keys = [f"frozen-{i}" for i in range(600)]
     with MockCluster() as cluster:
         env = env_for(cluster.bootstrap_servers, topic, idempotence=MockCluster.supports_idempotence)
         bridge = BridgeProcess(env, tmp_path / "bridge.log")
@@ -135,10 +171,14 @@ async def test_mock_cluster_frozen_mid_load_then_thawed(topic, tmp_path: Path, b
         await bridge.start()
         async with Witness(cluster.bootstrap_servers, topic) as witness:
             load = asyncio.create_task(drive(bridge.url, keys, concurrency=8, report=report))
-            while len(report.acked) < 50:
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: len(report.acked) >= 50 and report.in_flight > 0, timeout_s=30, interval_s=0.005)
+            in_flight = report.in_flight  # no await between this and the freeze: the count at the freeze
             cluster.pause()
-            await asyncio.sleep(3)  # longer than the 2 s publish timeout: callers see 503s
+            # Publishes wait for acks the frozen cluster does not send (those sent before the freeze included).
+            publishing = await publishes_in_flight(bridge, timeout_s=2)
+            assert in_flight > 0 and publishing > 0, "the freeze comes with callbacks waiting for Kafka acks"
+            # Longer than the 2 s publish timeout: callers see 503s.
+            await wait_until(lambda: report.statuses.get(503, 0) > 0, timeout_s=10)
             cluster.resume()
             await load
             lost = await witness.wait_for(set(report.acked))
@@ -158,8 +198,7 @@ async def test_bridge_sigkilled_mid_load_without_spool(own_broker: OwnBroker, to
     keys = [f"kill-{i}" for i in range(400)]
     async with Witness(own_broker.bootstrap_servers, topic) as witness:
         load = asyncio.create_task(drive(bridge.url, keys, concurrency=16, report=report, retry_for_s=0.5))
-        while len(report.acked) < 100:
-            await asyncio.sleep(0.005)
+        await wait_until(lambda: len(report.acked) >= 100, timeout_s=30, interval_s=0.005)
         bridge.kill()
         await load
         lost = await witness.wait_for(set(report.acked))
@@ -191,8 +230,7 @@ async def test_bridge_sigkilled_with_spooled_events_loses_nothing(
         load = asyncio.create_task(
             drive(bridge.url, [f"spooled-{i}" for i in range(300)], concurrency=16, report=report, retry_for_s=1)
         )
-        while len(report.acked) < 250:
-            await asyncio.sleep(0.005)
+        await wait_until(lambda: len(report.acked) >= 250, timeout_s=30, interval_s=0.005)
         bridge.kill()  # ...and the bridge crashes with events only in its spool
         await load
         spooled = {key for key in report.acked if key.startswith("spooled-")}
@@ -237,14 +275,16 @@ async def test_burst_of_ten_times_the_bound_sheds_load_with_bounded_memory(
     before_kib = rss_kib(pid, "VmRSS")
     statuses: dict[int | str, int] = {}
     retry_after: set[str] = set()
-    body = sample_event("x")
+    acked: set[str] = set()
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
-        body["PullCompleteEvent"]["TaskId"] = f"burst-{i}"
+        key = f"burst-{i}"
         try:
-            async with session.post(bridge.url, json=body) as response:
+            async with session.post(bridge.url, json=sample_event(key)) as response:
                 statuses[response.status] = statuses.get(response.status, 0) + 1
-                if response.status == 503:
+                if response.status == 200:
+                    acked.add(key)
+                elif response.status == 503:
                     retry_after.add(response.headers.get("Retry-After", "-"))
         except aiohttp.ClientError as exc:
             statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
@@ -264,3 +304,7 @@ async def test_burst_of_ten_times_the_bound_sheds_load_with_bounded_memory(
     assert statuses.get(200, 0) > 0
     assert peak_kib - before_kib < 100 * 1024, "memory must stay bounded under a 10x burst"
     assert await bridge.stop() == 0
+    # Every 200 is in Kafka; and only those: a 503 "overloaded" (Retry-After 1) is refused before the producer.
+    in_kafka = set(await keys_in_kafka(own_broker.bootstrap_servers, topic, at_least=len(acked)))
+    assert acked <= in_kafka, f"answered 200 but missing from Kafka: {sorted(acked - in_kafka)[:10]}"
+    assert in_kafka <= acked, f"in Kafka but answered 503: {sorted(in_kafka - acked)[:10]}"

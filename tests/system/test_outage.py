@@ -38,7 +38,7 @@ async def test_broker_stopped_gives_503_then_recovers(own_broker: OwnBroker, mak
     error = await response.json()
     assert error["error"] == "kafka_unavailable"
     assert "Retry-After" in response.headers
-    assert elapsed_s < 2.0 + 1.5, "the publish timeout bounds how long VOD waits"
+    assert elapsed_s < 2.0 + 3.0, "the publish timeout bounds how long VOD waits (plus a loaded machine)"
 
     # tansu keeps topics in memory: a restarted broker has forgotten the topic, and a producer with cached
     # metadata does not re-trigger auto-creation. A real Kafka keeps its topics, so it is created again here.
