@@ -3,7 +3,7 @@
 ``--concurrency`` loops (as many as the HTTP load generator has connections) each send one record and await
 its ack before sending the next, exactly like one bridge callback: key = TaskId, value = the seed payload
 with that TaskId, the four headers of the record contract, acks=all, and the bridge's producer settings
-(linger, batch size, request timeout). Idempotence is off, as it must be against tansu.
+(linger, batch size, request timeout). Idempotent unless ``--enable-idempotence false`` (tansu refuses it).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         bootstrap_servers=args.bootstrap_servers,
         client_id="vod-bridge-bench",
         acks="all",
-        enable_idempotence=False,
+        enable_idempotence=args.enable_idempotence == "true",
         linger_ms=args.linger_ms,
         max_batch_size=args.max_batch_bytes,
         request_timeout_ms=10_000,
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap-servers", required=True)
     parser.add_argument("--topic", required=True)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--enable-idempotence", choices=["true", "false"], default="true")
     parser.add_argument("--linger-ms", type=int, default=0)
     parser.add_argument("--max-batch-bytes", type=int, default=65536)
     parser.add_argument("--warmup", type=float, default=2.0)

@@ -5,9 +5,10 @@ Two processes, so their CPU is counted apart:
 * ``fakevod``: the fake VOD API (real HTTP server, TC3 signature check on every call, 16 events per pull),
   preloaded with ``--events`` PullComplete events of distinct TaskIds; prints its endpoint, runs until stdin
   closes.
-* ``poller``: the real :class:`bridge.sources.poller.Poller` with :class:`bridge.vod.api.VodClient` and
-  :class:`bridge.delivery.kafka.KafkaSink` (acks=all) — the same wiring as ``bridge.app`` — timed from its start until
-  every event is confirmed.
+* ``poller``: the real :class:`bridge.sources.poller.Poller` with :class:`bridge.vod.api.VodClient` and the sink
+  of ``--client`` (:class:`bridge.delivery.kafka.KafkaSink` on aiokafka, or
+  :class:`bridge.delivery.librdkafka.LibrdkafkaSink`; acks=all) — the same wiring as ``bridge.app`` — timed from
+  its start until every event is confirmed.
 """
 
 from __future__ import annotations
@@ -43,9 +44,25 @@ async def serve_fakevod(events: int) -> None:
         await loop.run_in_executor(None, sys.stdin.read)
 
 
+def make_sink(kafka: Any, metrics: Any, client: str) -> Any:
+    """The sink ``bridge.app`` builds for ``BRIDGE_KAFKA_CLIENT=client``: its factory when this bridge has one."""
+    try:
+        from bridge.delivery.clients import make_sink as factory
+    except ImportError:
+        pass
+    else:
+        return factory(kafka, metrics)
+    if client == "librdkafka":
+        from bridge.delivery.librdkafka import LibrdkafkaSink
+
+        return LibrdkafkaSink(kafka, metrics)
+    from bridge.delivery.kafka import KafkaSink
+
+    return KafkaSink(kafka, metrics)
+
+
 async def run_poller(args: argparse.Namespace) -> dict[str, Any]:
     from bridge.config import KafkaSettings, PollerSettings
-    from bridge.delivery.kafka import KafkaSink
     from bridge.delivery.pipeline import Delivery
     from bridge.delivery.records import event_headers
     from bridge.ops.metrics import Metrics
@@ -54,14 +71,16 @@ async def run_poller(args: argparse.Namespace) -> dict[str, Any]:
     from bridge.vod.decode import decode_event
 
     metrics = Metrics()
+    options: dict[str, Any] = {"client": args.client} if "client" in KafkaSettings.__struct_fields__ else {}
     kafka = KafkaSettings(
         bootstrap_servers=args.bootstrap_servers,
         topic=args.topic,
-        enable_idempotence=False,
+        enable_idempotence=args.enable_idempotence == "true",
         linger_ms=args.linger_ms,
         max_batch_bytes=args.max_batch_bytes,
+        **options,
     )
-    sink = KafkaSink(kafka, metrics)
+    sink = make_sink(kafka, metrics, args.client)
     await asyncio.wait_for(sink.connect(), timeout=30)
     # Warm the topic metadata, as the warm-up of the HTTP scenarios does.
     warm = decode_event(PayloadMaker(start=2 * 10**9).next()[1])
@@ -106,6 +125,7 @@ async def run_poller(args: argparse.Namespace) -> dict[str, Any]:
         "loadgen_core_fraction": None,
         "poller_core_fraction": cpu / elapsed,
         "linger_ms": args.linger_ms,
+        "client": args.client,
     }
 
 
@@ -119,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     poll.add_argument("--bootstrap-servers", required=True)
     poll.add_argument("--topic", required=True)
     poll.add_argument("--events", type=int, required=True)
+    poll.add_argument("--client", choices=["aiokafka", "librdkafka"], default="aiokafka")
+    poll.add_argument("--enable-idempotence", choices=["true", "false"], default="true")
     poll.add_argument("--linger-ms", type=int, default=0)
     poll.add_argument("--max-batch-bytes", type=int, default=65536)
     poll.add_argument("--timeout", type=float, default=60.0)

@@ -48,17 +48,39 @@ def cpu_s(root: int) -> float:
 
 def peak_rss_kib(root: int) -> int:
     """Sum of VmHWM (peak resident set) over ``root`` and its live descendants, in KiB."""
-    total = 0
+    return sum(_hwm_kib(pid) for pid in tree(root))
+
+
+def peak_rss_max_kib(root: int) -> int:
+    """The largest VmHWM of one process of ``root``'s tree (per worker, when a supervisor runs several), in KiB."""
+    return max((_hwm_kib(pid) for pid in tree(root)), default=0)
+
+
+def _hwm_kib(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def thread_names(root: int) -> list[str]:
+    """The names (``comm``) of every thread of ``root`` and its live descendants."""
+    names = []
     for pid in tree(root):
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            tasks = list(os.scandir(f"/proc/{pid}/task"))
         except (FileNotFoundError, ProcessLookupError):
             continue
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                total += int(line.split()[1])
-                break
-    return total
+        for task in tasks:
+            try:
+                names.append(Path(task.path, "comm").read_text().strip())
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return names
 
 
 def machine() -> dict[str, object]:

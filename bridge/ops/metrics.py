@@ -25,7 +25,9 @@ class Metrics:
         # The *_created series double the output and no dashboard uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
-        self._children: dict[tuple[int, str, str], Counter] = {}
+        #: Labelled children of ``received`` and ``published`` by (source, event type label): see :meth:`_child`.
+        self._received: dict[tuple[str, str], Counter] = {}
+        self._published: dict[tuple[str, str], Counter] = {}
         r = self.registry
         self.received = Counter("vod_bridge_events_received", "Events received", ["source", "event_type"], registry=r)
         self.published = Counter(
@@ -84,18 +86,20 @@ class Metrics:
         self.kafka_connected = Gauge("vod_bridge_kafka_connected", "1 when the producer is connected", registry=r)
 
     def count_received(self, source: str, event_type: str) -> None:
-        self._child(self.received, source, event_type).inc()
+        (self._received.get((source, event_type)) or self._child(self.received, source, event_type)).inc()
 
     def count_published(self, source: str, event_type: str) -> None:
-        self._child(self.published, source, event_type).inc()
+        (self._published.get((source, event_type)) or self._child(self.published, source, event_type)).inc()
 
     def _child(self, counter: Counter, source: str, event_type: str) -> Counter:
-        # labels() takes a lock and builds a key on every call; the hot path looks its child up once. Keyed by
-        # the bounded label, not the raw (caller-controlled) event type, so the cache stays small.
-        key = (id(counter), source, event_type_label(event_type))
-        child = self._children.get(key)
+        # labels() takes a lock and builds a key on every call: the hot path finds the child in a dict instead,
+        # with one lookup by the event type as given. The dict stays bounded: its keys are label values, so a
+        # known type has its own entry and every other (caller-controlled) type shares the "other" one.
+        cache = self._received if counter is self.received else self._published
+        key = (source, event_type_label(event_type))
+        child = cache.get(key)
         if child is None:
-            child = self._children[key] = counter.labels(source, key[2])
+            child = cache[key] = counter.labels(*key)
         return child
 
     def render(self) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from bridge.errors import ConfigError
 from bridge.vod.model import Undecodable, VodEvent
@@ -40,8 +40,12 @@ class _NoSpan:
         return []
 
 
+#: The span of every event while tracing is off: annotates nothing, adds no header.
+NO_SPAN: Final[EventSpan] = _NoSpan()
+
+
 class _NoSpanContext:
-    span = _NoSpan()
+    span = NO_SPAN
 
     def __enter__(self) -> EventSpan:
         return self.span
@@ -101,3 +105,8 @@ class OtelTracer:
 
 def make_tracer(enabled: bool) -> EventTracer:
     return OtelTracer() if enabled else NoTracer()
+
+
+def tracing_off(tracer: EventTracer) -> bool:
+    """True for :class:`NoTracer`: a source may then skip the span altogether and use :data:`NO_SPAN`."""
+    return isinstance(tracer, NoTracer)
