@@ -256,12 +256,18 @@ def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
     banner = (
         "\nvod-bridge dev is up. Send the sample PullComplete event with:\n\n"
         f"  curl -sS -X POST {url} -H 'Content-Type: application/json' --data-binary @{sample_path()}\n\n"
-        f"Records published to Kafka are printed below as they land. Ctrl-C stops.\n"
+        f"Records published to Kafka (dead letters included) are printed below as they land. Ctrl-C stops.\n"
     )
 
     async def record_printer(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(
-            tail(broker.bootstrap_servers, event_topics(settings), out=sys.stdout, from_beginning=True),
+            # Dead letters too: in dev, a body the bridge could not key is worth seeing at once.
+            tail(
+                broker.bootstrap_servers,
+                {*event_topics(settings), settings.delivery.dead_letter_topic},
+                out=sys.stdout,
+                from_beginning=True,
+            ),
             name="dev-printer",
         )
         print(banner, flush=True)

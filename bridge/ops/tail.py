@@ -21,6 +21,8 @@ def format_record(record: Any, *, pretty: bool = True) -> str:
         f"{headers.get(records.RECEIVED_AT, '-')} {record.topic}[{record.partition}]@{record.offset} "
         f"key={key} type={headers.get(records.EVENT_TYPE, '-')} source={headers.get(records.SOURCE, '-')}"
     )
+    if (reason := headers.get(records.ERROR_REASON)) is not None:
+        summary += f" dead-letter={reason}"
     value = record.value or b""
     if pretty:
         with contextlib.suppress(msgspec.DecodeError):
