@@ -11,15 +11,15 @@ for callbacks with a spool, fsync'ed to it); only then may a source answer 2xx o
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Final, Literal, Protocol
 
 import msgspec
 
 from bridge.delivery.dedup import DedupWindow
-from bridge.delivery.records import Source, event_headers, undecodable_headers
-from bridge.delivery.sink import Sink
+from bridge.delivery.records import Headers, Source, event_headers, undecodable_headers
+from bridge.delivery.sink import Ack, Sink
 from bridge.errors import InvalidPayload, PublishFailed
 from bridge.ops.metrics import Metrics
 from bridge.vod.model import Undecodable, VodEvent
@@ -159,81 +159,91 @@ class Delivery:
     async def _publish_or_spool(
         self, event: VodEvent, source: Source, received_at: datetime, trace_headers: Sequence[tuple[str, bytes]]
     ) -> Outcome:
-        """Kafka first (within the spool budget when there is a spool); the spool when Kafka cannot ack in time.
-
-        While older events wait in the spool, new ones queue behind them, so forwarding keeps arrival order.
-        """
-        spool = self._spool if source == "callback" else None
-        if spool is None or (spool.depth == 0 and self._sink.ready):
-            topic = self._topic_for(event.event_type)
-            headers = event_headers(event, source=source, received_at=received_at, extra=trace_headers)
-            try:
-                ack = await self._sink.send(
-                    topic,
-                    event.key.encode(),
-                    event.value,
-                    headers,
-                    timeout_s=None if spool is None else self._spool_budget_s,
-                )
-            except PublishFailed as exc:
-                self._count_failure(source, exc, event.event_type, event.key)
-                if spool is None or not exc.retriable:
-                    # Kafka will never take it (e.g. too large): spooling would only block the queue.
-                    return Failed(exc)
-                logger.info("kafka did not ack %s key=%s in time (%s); spooling it", event.event_type, event.key, exc)
-            else:
-                self._metrics.count_published(source, event.event_type)
-                return Published(ack.topic, ack.partition, ack.offset)
-        try:
-            seq = await spool.store(event, source=source, received_at=received_at)
-        except PublishFailed as exc:
-            self._count_failure(source, exc, event.event_type, event.key)
-            return Failed(exc)
-        return Spooled(seq)
+        """An event to its topic, or to the spool."""
+        result = await self._send_or_spool(
+            source,
+            self._topic_for(event.event_type),
+            key=event.key.encode(),
+            value=event.value,
+            headers=event_headers(event, source=source, received_at=received_at, extra=trace_headers),
+            store=lambda spool: spool.store(event, source=source, received_at=received_at),
+            event_type=event.event_type,
+            log_key=event.key,
+        )
+        if isinstance(result, Spooled | Failed):
+            return result
+        self._metrics.count_published(source, event.event_type)
+        return Published(result.topic, result.partition, result.offset)
 
     async def _deliver_undecodable(
         self, item: Undecodable, source: Source, received_at: datetime, trace_headers: Sequence[tuple[str, bytes]]
     ) -> Outcome:
+        """A body without a usable key to the dead-letter topic, or to the spool (or refused, by policy)."""
         metrics = self._metrics
         metrics.count_received(source, item.event_type or "")
         if source == "callback" and self._invalid_callbacks == "reject":
             # The source answers the refusal and counts it with its other rejections.
             return Refused(InvalidPayload(item.message, reason=item.reason))
+        dead_letter_topic = self._dead_letter_topic
+        result = await self._send_or_spool(
+            source,
+            dead_letter_topic,
+            key=item.event_handle.encode() if item.event_handle is not None else None,
+            value=item.value,
+            headers=undecodable_headers(item, source=source, received_at=received_at, extra=trace_headers),
+            store=lambda spool: spool.store_dead_letter(
+                item, source=source, received_at=received_at, topic=dead_letter_topic
+            ),
+            event_type=item.event_type or "-",
+            log_key="-",
+        )
+        if isinstance(result, Spooled | Failed):
+            return result
+        metrics.dead_lettered.labels(source, item.reason).inc()
+        logger.warning(
+            "%s body without a usable key (%s: %s) sent to %s",
+            source,
+            item.reason,
+            item.message,
+            dead_letter_topic,
+            extra={"reason": item.reason},
+        )
+        return DeadLettered(result.topic, result.partition, result.offset, item.reason)
+
+    async def _send_or_spool(
+        self,
+        source: Source,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers,
+        store: Callable[[Spool], Awaitable[int]],
+        event_type: str,
+        log_key: str,
+    ) -> Ack | Spooled | Failed:
+        """Kafka first (within the spool budget when there is a spool); the spool when Kafka cannot ack in time.
+
+        While older records wait in the spool, new ones queue behind them, so forwarding keeps arrival order.
+        Only callbacks are spooled.
+        """
         spool = self._spool if source == "callback" else None
         if spool is None or (spool.depth == 0 and self._sink.ready):
-            headers = undecodable_headers(item, source=source, received_at=received_at, extra=trace_headers)
-            key = item.event_handle.encode() if item.event_handle is not None else None
             try:
-                ack = await self._sink.send(
-                    self._dead_letter_topic,
-                    key,
-                    item.value,
-                    headers,
-                    timeout_s=None if spool is None else self._spool_budget_s,
+                return await self._sink.send(
+                    topic, key, value, headers, timeout_s=None if spool is None else self._spool_budget_s
                 )
             except PublishFailed as exc:
-                self._count_failure(source, exc, item.event_type or "-", "-")
+                self._count_failure(source, exc, event_type, log_key)
                 if spool is None or not exc.retriable:
+                    # Kafka will never take it (e.g. too large): spooling would only block the queue.
                     return Failed(exc)
-            else:
-                metrics.dead_lettered.labels(source, item.reason).inc()
-                logger.warning(
-                    "%s body without a usable key (%s: %s) sent to %s",
-                    source,
-                    item.reason,
-                    item.message,
-                    self._dead_letter_topic,
-                    extra={"reason": item.reason},
-                )
-                return DeadLettered(ack.topic, ack.partition, ack.offset, item.reason)
+                logger.info("kafka did not ack %s key=%s in time (%s); spooling it", event_type, log_key, exc)
         try:
-            seq = await spool.store_dead_letter(
-                item, source=source, received_at=received_at, topic=self._dead_letter_topic
-            )
+            return Spooled(await store(spool))
         except PublishFailed as exc:
-            self._count_failure(source, exc, item.event_type or "-", "-")
+            self._count_failure(source, exc, event_type, log_key)
             return Failed(exc)
-        return Spooled(seq)
 
     def _count_failure(self, source: Source, exc: PublishFailed, event_type: str, key: str) -> None:
         self._metrics.publish_failed.labels(source, exc.cause).inc()
