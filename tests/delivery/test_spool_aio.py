@@ -3,38 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from spoolkit import Gate
 
 from bridge.delivery.spool import store
 from bridge.delivery.spool.aio import AsyncSpool
 from bridge.delivery.spool.format import HEADER_BYTES
 from bridge.delivery.spool.store import DEFAULT_READ_MAX_BYTES, Spool, SpoolError, SpoolFull, sync_to_disk
-
-
-class Gate:
-    """Wraps an I/O helper so its first call blocks until ``release``; later calls pass straight through.
-
-    The wait is bounded: if the event loop that should release it is blocked, the call fails instead.
-    """
-
-    def __init__(self, real: Callable[..., object], *, armed: bool = True) -> None:
-        self.real = real
-        #: Unarmed, every call passes straight through (e.g. the syncs of ``Spool.open``).
-        self.armed = armed
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, *args: object) -> object:
-        if self.armed and not self.entered.is_set():
-            self.entered.set()
-            if not self.release.wait(5):
-                raise AssertionError("never released: the event loop was blocked")
-        return self.real(*args)
 
 
 async def test_concurrent_appends_are_group_committed(tmp_path: Path) -> None:
@@ -111,7 +89,7 @@ async def test_a_read_blocked_on_the_disk_leaves_the_event_loop_free(
     aspool = AsyncSpool(Spool.open(tmp_path, fsync=False))
     for i in range(5):
         await aspool.append(b"event-%d" % i)
-    gate = Gate(store._pread_exact)
+    gate = Gate(store._pread_exact, wait_s=5)
     monkeypatch.setattr(store, "_pread_exact", gate)
     read = asyncio.create_task(aspool.read(0, 10))
     assert await asyncio.to_thread(gate.entered.wait, 5)
@@ -124,7 +102,7 @@ async def test_a_read_blocked_on_the_disk_leaves_the_event_loop_free(
 
 
 async def test_close_waits_for_a_commit_in_flight_without_blocking_the_loop(tmp_path: Path) -> None:
-    gate = Gate(sync_to_disk, armed=False)
+    gate = Gate(sync_to_disk, armed=False, wait_s=5)
     aspool = AsyncSpool(Spool.open(tmp_path, sync=gate))  # fsync on: the cursor write fsyncs
     await aspool.append(b"x")
     gate.armed = True

@@ -18,6 +18,7 @@ from typing import TypeVar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spoolkit import Gate
 
 from bridge.delivery.spool import store
 from bridge.delivery.spool.format import CURSOR_NAME, HEADER_BYTES, MAX_PAYLOAD_BYTES, encode_header
@@ -57,23 +58,6 @@ def reasons(spool: Spool) -> list[str]:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-class Gate:
-    """Wraps an I/O helper so its first call blocks until ``release``; later calls pass straight through."""
-
-    def __init__(self, real: Callable[..., object], *, armed: bool = True) -> None:
-        self.real = real
-        #: Unarmed, every call passes straight through (e.g. the syncs of ``Spool.open``).
-        self.armed = armed
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, *args: object) -> object:
-        if self.armed and not self.entered.is_set():
-            self.entered.set()
-            assert self.release.wait(10), "the blocked call was never released"
-        return self.real(*args)
 
 
 def promptly(fn: Callable[[], T], timeout_s: float = 5.0) -> T:
