@@ -51,9 +51,13 @@ async def test_close_gives_up_on_undeliverable_records_within_its_bound(
     await asyncio.wait_for(sink.connect(), timeout=15)
     await sink.send("sink-test", b"k", b"before", [])
     own_broker.kill()
-    with pytest.raises(PublishFailed):
+    sent_at = time.monotonic()
+    with pytest.raises(PublishFailed) as failed:
         # Answered (503) after its own timeout; the record stays in the producer, retried.
         await sink.send("sink-test", b"k", b"stranded", [], timeout_s=0.5)
+    assert failed.value.cause == "timeout" and "within 0.5s" in failed.value.message
+    # Its own timeout, not the publish timeout (5 s) nor librdkafka's message.timeout.ms.
+    assert time.monotonic() - sent_at < 0.5 + 2.0
     started = time.monotonic()
     abandoned = await sink.close(flush_timeout_s=1.0)
     elapsed_s = time.monotonic() - started
