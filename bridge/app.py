@@ -23,7 +23,7 @@ from bridge.delivery.pipeline import Delivery
 from bridge.delivery.spool import AsyncSpool, Spool
 from bridge.errors import BridgeError, ConfigError
 from bridge.ops.logs import RedactingAccessLogger
-from bridge.ops.metrics import Metrics
+from bridge.ops.metrics import GAUGE_REFRESH_INTERVAL_S, Metrics
 from bridge.ops.tracing import make_tracer
 from bridge.sources.access import SourceFilter
 from bridge.sources.callback import CallbackReceiver
@@ -79,7 +79,8 @@ def create_app(
     uses it to stop the process with a non-zero exit); tests keep the default, which only logs.
 
     Cleanup contexts are registered sink first, spool second, poller third, so on shutdown the poller finishes
-    its batch and the forwarder stops before the producer flushes and closes.
+    its batch and the forwarder stops before the producer flushes and closes. In multiprocess mode
+    (``metrics.multiprocess_dir``) a gauge refresh comes before them all, so it runs until the producer closed.
     """
     if settings.poller.enabled and credentials is None:
         raise ConfigError(
@@ -107,6 +108,8 @@ def create_app(
 
     app = web.Application(client_max_size=http.max_body_bytes, middlewares=[error_middleware])
     app[COMPONENTS] = components
+    if metrics.multiprocess_dir is not None:
+        app.cleanup_ctx.append(_gauge_refresh_ctx(metrics))
     app.cleanup_ctx.append(_kafka_sink_ctx(components, on_fatal))
     if settings.spool.dir is not None:
         app.cleanup_ctx.append(_spool_ctx(components, Path(settings.spool.dir), on_fatal))
@@ -140,6 +143,22 @@ def runner_options(settings: Settings) -> dict[str, Any]:
         # sees the answer rather than a reset; aiohttp's 10 s default let stalled clients hold sockets.
         "lingering_time": 0.5,
     }
+
+
+def _gauge_refresh_ctx(metrics: Metrics) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def gauge_refresh(app: web.Application) -> AsyncIterator[None]:
+        async def refresh() -> None:
+            while True:
+                metrics.refresh_gauges()
+                await asyncio.sleep(GAUGE_REFRESH_INTERVAL_S)
+
+        task = asyncio.create_task(refresh(), name="metrics-gauge-refresh")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return gauge_refresh
 
 
 def _kafka_sink_ctx(c: Components, on_fatal: FatalHandler) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -32,6 +32,7 @@ from bridge.delivery.spool import check_no_stranded
 from bridge.errors import BridgeError, ConfigError
 from bridge.ops.embedded import EmbeddedBroker
 from bridge.ops.logs import configure_logging
+from bridge.ops.metrics import MULTIPROCESS_DIR_ENV, Metrics
 from bridge.ops.redrive import (
     FromBeginning,
     KafkaUnavailable,
@@ -164,14 +165,24 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.command == "serve":
         if settings.workers > 1:
             return run_workers(settings, {**env, **overrides})
-        return serve(settings, credentials=credentials)
+        try:
+            metrics = Metrics(multiprocess_dir=Path(d) if (d := env.get(MULTIPROCESS_DIR_ENV)) else None)
+        except ConfigError as exc:
+            print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
+            return EXIT_CONFIG
+        return serve(settings, credentials=credentials, metrics=metrics)
     return dev(settings, credentials=credentials)
 
 
 def serve(
-    settings: Settings, *, credentials: Credentials | None = None, extra_cleanup: Sequence[CleanupCtx] = ()
+    settings: Settings,
+    *,
+    credentials: Credentials | None = None,
+    metrics: Metrics | None = None,
+    extra_cleanup: Sequence[CleanupCtx] = (),
 ) -> int:
-    """Run until SIGTERM/SIGINT: stop accepting, finish in-flight publishes, flush, exit 0."""
+    """Run until SIGTERM/SIGINT: stop accepting, finish in-flight publishes, flush, exit 0. ``metrics`` is
+    multiprocess for a worker of ``--workers N``."""
     failures: list[BaseException] = []
 
     def on_fatal(exc: BaseException) -> None:
@@ -180,7 +191,7 @@ def serve(
         # run_app turns the signal into its graceful shutdown, the same path as an operator's SIGTERM.
         signal.raise_signal(signal.SIGTERM)
 
-    app = create_app(settings, credentials=credentials, on_fatal=on_fatal)
+    app = create_app(settings, credentials=credentials, metrics=metrics, on_fatal=on_fatal)
     sink = app[COMPONENTS].sink
     app.on_startup.append(freeze_gc)
     for ctx in extra_cleanup:

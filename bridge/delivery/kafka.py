@@ -86,7 +86,7 @@ class KafkaSink:
         #: Records the producer still held, unacknowledged, when :meth:`close` gave up waiting for them.
         self.abandoned = 0
         self._on_fatal = on_fatal
-        metrics.in_flight.set_function(lambda: self._in_flight)
+        metrics.feed(metrics.in_flight, lambda: self._in_flight)
 
     @property
     def ready(self) -> bool:

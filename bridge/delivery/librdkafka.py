@@ -175,7 +175,7 @@ class LibrdkafkaSink:
         self._last_error: str | None = None
         #: Records the producer still held, unacknowledged, when :meth:`close` gave up waiting for them.
         self.abandoned = 0
-        metrics.in_flight.set_function(lambda: self._in_flight)
+        metrics.feed(metrics.in_flight, lambda: self._in_flight)
 
     @property
     def ready(self) -> bool:

@@ -1,16 +1,32 @@
-"""Prometheus metrics, on a registry owned by one app instance (no process-global state between tests)."""
+"""Prometheus metrics, on a registry owned by one app instance (no process-global state between tests).
+
+A worker of ``--workers N`` (bridge.ops.workers) runs in prometheus_client's multiprocess mode instead: its values
+live in memory-mapped files in a directory shared by the workers, and ``/metrics`` merges every worker's files.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
 from prometheus_client.exposition import generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from bridge.errors import ConfigError
 from bridge.vod.event_types import EVENT_TYPES
 
 #: Unknown EventTypes are caller-controlled strings; they share one label value to bound cardinality.
 OTHER_EVENT_TYPE: Final = "other"
+
+#: prometheus_client reads this variable when it is imported: set, every metric value of the process is kept in
+#: a memory-mapped file in that directory. The supervisor of ``--workers N`` sets it for its workers.
+MULTIPROCESS_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+#: How often a worker copies the gauges it reads on demand (:meth:`Metrics.feed`) into its file: a scrape
+#: answered by another worker sees them at most this old.
+GAUGE_REFRESH_INTERVAL_S: Final = 1.0
 
 
 def event_type_label(event_type: str) -> str:
@@ -19,12 +35,27 @@ def event_type_label(event_type: str) -> str:
 
 class Metrics:
     """Every counter the bridge keeps. Label values are bounded: event types via :func:`event_type_label`,
-    reasons from the fixed set of ``InvalidPayload.reason`` / error codes."""
+    reasons from the fixed set of ``InvalidPayload.reason`` / error codes.
 
-    def __init__(self) -> None:
+    With ``multiprocess_dir`` (a worker of ``--workers N``; the process must have been started with
+    ``PROMETHEUS_MULTIPROC_DIR`` set to it), :meth:`render` answers for every worker writing to that directory.
+    Raises :class:`ConfigError` if prometheus_client was not started in multiprocess mode.
+    """
+
+    def __init__(self, *, multiprocess_dir: Path | None = None) -> None:
         # The *_created series double the output and no dashboard uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
+        if multiprocess_dir is not None and values.ValueClass is values.MutexValue:
+            raise ConfigError(f"{MULTIPROCESS_DIR_ENV} must be set when the process starts, before metrics exist")
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
+        #: What a scrape renders: the own registry, or in multiprocess mode the merged files of every worker.
+        self._scraped = self.registry
+        if multiprocess_dir is not None:
+            self._scraped = CollectorRegistry()
+            MultiProcessCollector(self._scraped, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+        #: Gauges read on demand (:meth:`feed`) that multiprocess mode must copy into the files.
+        self._fed: list[tuple[Gauge, Callable[[], float]]] = []
         #: Labelled children of ``received`` and ``published`` by (source, event type label): see :meth:`_child`.
         self._received: dict[tuple[str, str], Counter] = {}
         self._published: dict[tuple[str, str], Counter] = {}
@@ -81,9 +112,27 @@ class Metrics:
             ["source", "reason"],
             registry=r,
         )
-        self.spool_depth = Gauge("vod_bridge_spool_depth", "Events in the spool not yet acked by Kafka", registry=r)
-        self.in_flight = Gauge("vod_bridge_publish_in_flight", "Publishes awaiting an ack", registry=r)
-        self.kafka_connected = Gauge("vod_bridge_kafka_connected", "1 when the producer is connected", registry=r)
+        # How a gauge combines over the workers (ignored in a single process). Each worker has its own spool and
+        # its own publishes, so depth and in-flight add up; the files of a worker that exited are dropped
+        # (mark_process_dead), as its spool is no longer served and its publishes are over.
+        self.spool_depth = Gauge(
+            "vod_bridge_spool_depth",
+            "Events in the spool not yet acked by Kafka",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "vod_bridge_publish_in_flight", "Publishes awaiting an ack", multiprocess_mode="livesum", registry=r
+        )
+        # Each worker has its own producer and a scrape cannot tell which worker takes the next callback: 1 only
+        # when every live worker is connected, so that a disconnected producer alerts even with others healthy
+        # (a sum would have to be compared with N, and a max would hide the one failing worker).
+        self.kafka_connected = Gauge(
+            "vod_bridge_kafka_connected",
+            "1 when the producer is connected (with several workers: when every worker's is)",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
 
     def count_received(self, source: str, event_type: str) -> None:
         (self._received.get((source, event_type)) or self._child(self.received, source, event_type)).inc()
@@ -102,5 +151,22 @@ class Metrics:
             child = cache[key] = counter.labels(*key)
         return child
 
+    def feed(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Make ``gauge`` show ``read()``: read at each scrape in a single process (exact); in multiprocess mode,
+        where a scrape may be answered by another worker, copied into the file by :meth:`refresh_gauges`."""
+        if self.multiprocess_dir is None:
+            gauge.set_function(read)
+        else:
+            self._fed.append((gauge, read))
+
+    def refresh_gauges(self) -> None:
+        """Copy the fed gauges' current values into this worker's file (multiprocess mode; call it every
+        :data:`GAUGE_REFRESH_INTERVAL_S`)."""
+        for gauge, read in self._fed:
+            gauge.set(read())
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The Prometheus text of this process, or in multiprocess mode of every worker."""
+        # The worker answering sees its own fed gauges exactly; the other workers' at most a refresh old.
+        self.refresh_gauges()
+        return generate_latest(self._scraped)

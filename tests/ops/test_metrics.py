@@ -1,15 +1,29 @@
-"""The event counters' shortcut to their labelled children: right series, bounded cache."""
+"""The event counters' shortcut to their labelled children (right series, bounded cache), gauges fed by a
+function, and the multiprocess mode of ``--workers N`` (one scrape for every worker)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import values
+from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.ops.metrics import Metrics
+from bridge.errors import ConfigError
+from bridge.ops.metrics import MULTIPROCESS_DIR_ENV, Metrics
 
 
 def samples(metrics: Metrics, name: str) -> dict[tuple[str, str], float]:
     (family,) = [f for f in text_string_to_metric_families(metrics.render().decode()) if f.name == name]
     return {(s.labels["source"], s.labels["event_type"]): s.value for s in family.samples}
+
+
+def gauge(metrics: Metrics, name: str) -> float:
+    (family,) = [f for f in text_string_to_metric_families(metrics.render().decode()) if f.name == name]
+    (sample,) = family.samples
+    return float(sample.value)
 
 
 def test_counts_land_on_their_labels_and_unknown_types_share_other() -> None:
@@ -40,3 +54,87 @@ def test_caller_controlled_types_do_not_grow_the_cache() -> None:
     metrics.count_received("callback", "PullComplete")
     assert len(metrics._received) == 2 and len(metrics._published) == 1
     assert samples(metrics, "vod_bridge_events_received")[("callback", "other")] == 1000
+
+
+def test_multiprocess_mode_needs_prometheus_client_started_in_it(tmp_path: Path) -> None:
+    # This test process has no PROMETHEUS_MULTIPROC_DIR: its values are plain floats, which no other process sees.
+    with pytest.raises(ConfigError, match="PROMETHEUS_MULTIPROC_DIR must be set when the process starts"):
+        Metrics(multiprocess_dir=tmp_path)
+
+
+def test_single_process_gauges_fed_by_a_function_are_read_at_each_scrape() -> None:
+    metrics = Metrics()
+    in_flight = [3]
+    metrics.feed(metrics.in_flight, lambda: in_flight[0])
+    assert gauge(metrics, "vod_bridge_publish_in_flight") == 3
+    in_flight[0] = 1
+    assert gauge(metrics, "vod_bridge_publish_in_flight") == 1
+
+
+@pytest.fixture
+def worker_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], Metrics]]:
+    """``worker(pid)``: the Metrics of a simulated ``--workers`` worker with that pid, all sharing one directory,
+    as prometheus_client's own tests simulate processes. Build and use one worker at a time: labelled children
+    are created with the value class current when they are first used."""
+    monkeypatch.setenv(MULTIPROCESS_DIR_ENV, str(tmp_path))
+
+    def worker(pid: int) -> Metrics:
+        monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue(lambda: pid))
+        return Metrics(multiprocess_dir=tmp_path)
+
+    yield worker
+    values.close_all_multiprocess_files()
+
+
+def scrape(metrics: Metrics) -> dict[str, float]:
+    """Every sample of one scrape, summed over its labels, by sample name; fails on a per-pid sample."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            assert "pid" not in sample.labels, sample
+            totals[sample.name] = totals.get(sample.name, 0) + sample.value
+    return totals
+
+
+def test_one_scrape_covers_every_worker_and_combines_the_gauges(
+    worker_metrics: Callable[[int], Metrics], tmp_path: Path
+) -> None:
+    first = worker_metrics(101)
+    first_in_flight = [2]
+    first.feed(first.in_flight, lambda: first_in_flight[0])
+    for _ in range(3):
+        first.count_received("callback", "PullComplete")
+        first.count_published("callback", "PullComplete")
+    first.publish_latency.observe(0.002)
+    first.spool_depth.set(4)
+    first.kafka_connected.set(1)
+
+    second = worker_metrics(102)
+    second.feed(second.in_flight, lambda: 5)
+    second.count_received("callback", "PullComplete")
+    second.count_received("pull", "Made-Up")
+    second.publish_latency.observe(0.2)
+    second.spool_depth.set(6)
+    second.refresh_gauges()  # what its refresh task does every GAUGE_REFRESH_INTERVAL_S
+
+    # Whichever worker answers, the scrape is the same; connected only while every producer is.
+    totals = scrape(first)
+    assert scrape(second) == totals
+    assert totals["vod_bridge_events_received_total"] == 5
+    assert totals["vod_bridge_events_published_total"] == 3
+    assert totals["vod_bridge_publish_latency_seconds_count"] == 2
+    assert totals["vod_bridge_publish_in_flight"] == 2 + 5
+    assert totals["vod_bridge_spool_depth"] == 4 + 6
+    assert totals["vod_bridge_kafka_connected"] == 0
+    second.kafka_connected.set(1)
+    first_in_flight[0] = 0
+    assert scrape(first)["vod_bridge_kafka_connected"] == 1
+    assert scrape(first)["vod_bridge_publish_in_flight"] == 0 + 5
+
+    # The second worker exits: its gauges go, its counts stay (counters never go backwards).
+    mark_process_dead(102, str(tmp_path))
+    after = scrape(first)
+    assert after["vod_bridge_publish_in_flight"] == 0
+    assert after["vod_bridge_spool_depth"] == 4
+    assert after["vod_bridge_events_received_total"] == 5
+    assert after["vod_bridge_publish_latency_seconds_count"] == 2
