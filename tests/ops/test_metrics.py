@@ -1,9 +1,16 @@
-"""The event counters' shortcut to their labelled children: right series, bounded cache."""
+"""The event counters' shortcut to their labelled children: right series, bounded cache; the readiness gauge."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+from conftest import scraped
+from msgspec.structs import replace
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.config import SpoolSettings
+from bridge.ops.embedded import free_port
 from bridge.ops.metrics import Metrics
 
 
@@ -40,3 +47,21 @@ def test_caller_controlled_types_do_not_grow_the_cache() -> None:
     metrics.count_received("callback", "PullComplete")
     assert len(metrics._received) == 2 and len(metrics._published) == 1
     assert samples(metrics, "vod_bridge_events_received")[("callback", "other")] == 1000
+
+
+@pytest.mark.integration
+async def test_the_ready_gauge_answers_what_readyz_answers(make_settings, make_client, tmp_path: Path) -> None:
+    """``vod_bridge_ready`` is what alerts watch: 0 exactly while /readyz answers 503."""
+    # Nothing listens there: the producer keeps retrying in the background.
+    unreachable = make_settings(bootstrap_servers=f"127.0.0.1:{free_port()}")
+    spooled = replace(unreachable, spool=SpoolSettings(dir=str(tmp_path / "spool")))
+    # (case, settings, wait for Kafka, /readyz status, gauge)
+    cases = [
+        ("no kafka", unreachable, False, 503, 0.0),
+        ("kafka connected", make_settings(), True, 200, 1.0),
+        ("no kafka, a spool", spooled, False, 200, 1.0),
+    ]
+    for case, settings, wait_ready, status, gauge in cases:
+        client = await make_client(settings, wait_ready=wait_ready)
+        readyz = await client.get("/readyz")
+        assert (readyz.status, await scraped(client, "vod_bridge_ready")) == (status, gauge), case
