@@ -54,6 +54,12 @@ class Components:
     #: stop alongside the draining HTTP handlers, and the producer's bounded flush comes after.
     shutdown_deadline: float | None = None
 
+    @property
+    def ready(self) -> bool:
+        """What ``/readyz`` and the ``vod_bridge_ready`` gauge report: events are accepted, because the producer
+        is connected or because a spool takes them while Kafka is unreachable."""
+        return self.sink.ready or self.forwarder is not None
+
     def time_left_s(self) -> float:
         """Seconds until ``shutdown_deadline`` (the whole shutdown timeout before shutdown began)."""
         if self.shutdown_deadline is None:
@@ -104,6 +110,7 @@ def create_app(
         spool_budget_s=settings.spool.publish_budget_s,
     )
     components = Components(settings, metrics, sink, delivery)
+    metrics.feed(metrics.ready, lambda: float(components.ready))
     tracer = make_tracer(settings.otel_enabled)
 
     app = web.Application(client_max_size=http.max_body_bytes, middlewares=[error_middleware])
@@ -282,7 +289,7 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     kafka_ready = c.sink.ready
-    if kafka_ready or c.forwarder is not None:
+    if c.ready:
         # With a spool, callbacks are accepted (spooled) even while Kafka is unreachable.
         body: dict[str, Any] = {"status": "ready", "kafka": "connected" if kafka_ready else "unavailable"}
         if c.forwarder is not None:

@@ -245,6 +245,17 @@ async def make_client() -> AsyncIterator[Callable[..., Awaitable[BridgeClient]]]
         await client.close()
 
 
+async def scraped(client: BridgeClient, series: str) -> float:
+    """The value of one unlabelled series in the bridge's ``GET /metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await client.get("/metrics")
+    assert response.status == 200
+    families = text_string_to_metric_families(await response.text())
+    (value,) = [sample.value for family in families for sample in family.samples if sample.name == series]
+    return value
+
+
 async def wait_until(predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.05) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():

@@ -214,6 +214,7 @@ class KafkaSink:
             return
         self._producer = None
         self._metrics.kafka_connected.set(0)
+        self._metrics.producer_replacements.inc()
         logger.error("kafka producer's sender stopped unexpectedly; replacing the producer")
         self._replacing = asyncio.create_task(self._reconnect(broken), name="kafka-reconnect")
 

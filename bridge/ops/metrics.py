@@ -133,6 +133,20 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=r,
         )
+        # Like kafka_connected: a scrape cannot tell which worker takes the next callback, so ready only when
+        # every live worker is.
+        self.ready = Gauge(
+            "vod_bridge_ready",
+            "1 when /readyz answers 200: Kafka connected, or a spool takes the events (with several workers: every"
+            " worker)",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.producer_replacements = Counter(
+            "vod_bridge_producer_replacements",
+            "aiokafka producers replaced because their sender routine died (librdkafka: a fatal error exits instead)",
+            registry=r,
+        )
 
     def count_received(self, source: str, event_type: str) -> None:
         (self._received.get((source, event_type)) or self._child(self.received, source, event_type)).inc()

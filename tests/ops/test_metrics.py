@@ -1,5 +1,5 @@
 """The event counters' shortcut to their labelled children (right series, bounded cache), gauges fed by a
-function, and the multiprocess mode of ``--workers N`` (one scrape for every worker)."""
+function, the readiness gauge, and the multiprocess mode of ``--workers N`` (one scrape for every worker)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import scraped
+from msgspec.structs import replace
 from prometheus_client import values
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.config import SpoolSettings
 from bridge.errors import ConfigError
+from bridge.ops.embedded import free_port
 from bridge.ops.metrics import MULTIPROCESS_DIR_ENV, Metrics
 
 
@@ -138,3 +142,21 @@ def test_one_scrape_covers_every_worker_and_combines_the_gauges(
     assert after["vod_bridge_spool_depth"] == 4
     assert after["vod_bridge_events_received_total"] == 5
     assert after["vod_bridge_publish_latency_seconds_count"] == 2
+
+
+@pytest.mark.integration
+async def test_the_ready_gauge_answers_what_readyz_answers(make_settings, make_client, tmp_path: Path) -> None:
+    """``vod_bridge_ready`` is what alerts watch: 0 exactly while /readyz answers 503."""
+    # Nothing listens there: the producer keeps retrying in the background.
+    unreachable = make_settings(bootstrap_servers=f"127.0.0.1:{free_port()}")
+    spooled = replace(unreachable, spool=SpoolSettings(dir=str(tmp_path / "spool")))
+    # (case, settings, wait for Kafka, /readyz status, gauge)
+    cases = [
+        ("no kafka", unreachable, False, 503, 0.0),
+        ("kafka connected", make_settings(), True, 200, 1.0),
+        ("no kafka, a spool", spooled, False, 200, 1.0),
+    ]
+    for case, settings, wait_ready, status, gauge in cases:
+        client = await make_client(settings, wait_ready=wait_ready)
+        readyz = await client.get("/readyz")
+        assert (readyz.status, await scraped(client, "vod_bridge_ready")) == (status, gauge), case

@@ -159,9 +159,12 @@ async def test_two_workers_share_the_port_and_one_scrape_counts_them_all(
         (metrics_dir,) = (tmp_path / "tmp").glob("vod-bridge-metrics-*")
         per_worker = received_by_worker(metrics_dir)
         assert len(per_worker) == 2 and all(per_worker) and sum(per_worker) == len(keys), per_worker
-        # The in-flight gauge of the worker not answering is refreshed every second: wait for it to settle at 0.
+        # The gauges of the worker not answering are refreshed every second: wait for in-flight to settle at 0
+        # and readiness at 1 (each worker's first refresh may predate its producer's connection).
         async with asyncio.timeout(5):
-            while (settled := await scrape(bridge.port))["vod_bridge_publish_in_flight"] != 0:
+            while (settled := await scrape(bridge.port))["vod_bridge_publish_in_flight"] != 0 or not settled.get(
+                "vod_bridge_ready"
+            ):
                 await asyncio.sleep(0.1)
         assert settled["vod_bridge_events_received_total"] == len(keys)
         assert settled["vod_bridge_events_published_total"] == len(keys)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import read_records, sample_event
+from conftest import read_records, sample_event, scraped
 from faultkit import OwnBroker
 
 from bridge.config import HttpSettings, KafkaSettings, Settings
@@ -74,6 +74,7 @@ async def test_a_producer_whose_sender_died_is_replaced(kafka, make_settings, ma
 
     client = await make_client(make_settings())
     assert (await client.post("/vod/callback", json=sample_event("before"))).status == 200
+    assert await scraped(client, "vod_bridge_producer_replacements_total") == 0
     sink = client.server.app[COMPONENTS].sink
     broken = sink._producer
     broken._sender.sender_task.cancel()  # the same end state as the crash: no sender routine any more
@@ -83,6 +84,7 @@ async def test_a_producer_whose_sender_died_is_replaced(kafka, make_settings, ma
     assert response.status == 503
     await wait_until(lambda: sink.ready and sink._producer is not broken, timeout_s=20)
     assert (await client.post("/vod/callback", json=sample_event("after"))).status == 200
+    assert await scraped(client, "vod_bridge_producer_replacements_total") == 1
     records = await read_records(kafka.bootstrap_servers, topic, count=2, settle_s=1.0)
     # "during" was refused before it reached the producer, so it is not in Kafka.
     assert sorted(r.key for r in records) == [b"after", b"before"]
