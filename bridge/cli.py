@@ -44,7 +44,7 @@ from bridge.ops.redrive import (
     parse_since,
     redrive_dead_letters,
 )
-from bridge.ops.schema import build_schemas, render, write_schemas
+from bridge.ops.schema import DEFAULT_SCHEMA, SCHEMA_NAMES, UnknownSchema, render, schema_document, write_schemas
 from bridge.ops.tail import tail
 from bridge.ops.workers import run_workers
 from bridge.sources.poller import check_window
@@ -88,8 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="run the bridge on an embedded broker and print each record")
     _add_settings_flags(dev)
 
-    schema = commands.add_parser("schema", help="print (or write) the JSON Schemas of the record contract")
-    schema.add_argument("--write", metavar="DIR", type=Path, help="write the schema files into DIR")
+    schema = commands.add_parser(
+        "schema", help="print one JSON Schema (or the AsyncAPI document) of the record contract, or write them all"
+    )
+    schema.add_argument("name", nargs="?", help=f"which one (default: {DEFAULT_SCHEMA}); --list names them")
+    schema_mode = schema.add_mutually_exclusive_group()
+    schema_mode.add_argument("--list", action="store_true", help="print the available names, one per line")
+    schema_mode.add_argument("--write", metavar="DIR", type=Path, help="write every schema file into DIR")
 
     send = commands.add_parser("send", help="post an event file to a running bridge and print the answer")
     _add_settings_flags(send)
@@ -377,11 +382,21 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
+    """One JSON document on stdout (so that jq and schema tools can read it), the names, or every file written."""
+    if args.name is not None and (args.list or args.write is not None):
+        print("vod-bridge: schema: give a NAME, --list or --write, not several", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.list:
+        print("\n".join(SCHEMA_NAMES))
+        return EXIT_OK
     if args.write is not None:
         for path in write_schemas(args.write):
             print(path)
         return EXIT_OK
-    for name, document in build_schemas().items():
-        print(f"# {name}")
-        sys.stdout.write(render(document).decode())
+    try:
+        document = schema_document(args.name or DEFAULT_SCHEMA)
+    except UnknownSchema as exc:
+        print(f"vod-bridge: schema: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(render(document).decode())
     return EXIT_OK

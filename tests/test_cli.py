@@ -189,10 +189,12 @@ async def test_dev_mode_prints_curl_and_each_record(tmp_path: Path, processes) -
     assert '"Animal World"' in log.read_text()
 
 
-def test_schema_command_prints_the_contract() -> None:
-    result = subprocess.run([sys.executable, "-m", "bridge", "schema"], capture_output=True, text=True, timeout=30)
+def test_schema_command_prints_the_contract_as_json() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "schema", "headers"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0
-    assert "PullCompleteEvent" in result.stdout and "event-type" in result.stdout
+    assert "event-type" in json.loads(result.stdout)["required"]
 
 
 async def test_send_posts_a_signed_sample_to_a_running_bridge(kafka: Kafka, make_settings, make_client, topic) -> None:

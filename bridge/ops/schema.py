@@ -1,7 +1,7 @@
-"""JSON Schemas of the Kafka record contract, generated from the Structs in ``events.py``.
+"""JSON Schemas of the Kafka record contract, generated from the Structs in ``bridge.vod.model``.
 
 ``schemas/`` in the repository is this module's output (``vod-bridge schema --write schemas``); a test
-fails when the committed files are stale.
+fails when the committed files are stale. ``vod-bridge schema NAME`` prints one of them (:data:`SCHEMA_NAMES`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import msgspec
 
 from bridge import __version__
 from bridge.delivery import records
+from bridge.errors import ConfigError
 from bridge.vod.event_types import EVENT_TYPES, EventSpec
 
 VALUE_SCHEMA_FILE: Final = "vod-event.value.schema.json"
@@ -20,6 +21,18 @@ HEADERS_SCHEMA_FILE: Final = "vod-event.headers.schema.json"
 KEYS_FILE: Final = "vod-event.keys.json"
 ASYNCAPI_FILE: Final = "asyncapi.json"
 _SCHEMA_FORMAT: Final = "application/schema+json;version=2020-12"
+#: The names ``vod-bridge schema NAME`` takes, each for one file of ``schemas/``; the first is the default.
+SCHEMA_NAMES: Final = {
+    "value": VALUE_SCHEMA_FILE,
+    "headers": HEADERS_SCHEMA_FILE,
+    "keys": KEYS_FILE,
+    "asyncapi": ASYNCAPI_FILE,
+}
+DEFAULT_SCHEMA: Final = "value"
+
+
+class UnknownSchema(ConfigError):
+    """``vod-bridge schema NAME`` with a name not in :data:`SCHEMA_NAMES`."""
 
 
 class RecordHeaders(msgspec.Struct, kw_only=True):
@@ -208,6 +221,14 @@ def asyncapi_document() -> dict[str, Any]:
             }
         },
     }
+
+
+def schema_document(name: str = DEFAULT_SCHEMA) -> dict[str, Any]:
+    """The one document ``name`` stands for (see :data:`SCHEMA_NAMES`); :class:`UnknownSchema` otherwise."""
+    file_name = SCHEMA_NAMES.get(name)
+    if file_name is None:
+        raise UnknownSchema(f"unknown schema {name!r}; available: {', '.join(SCHEMA_NAMES)}")
+    return build_schemas()[file_name]
 
 
 def render(document: dict[str, Any]) -> bytes:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import sample_bytes
 
-from bridge.ops.schema import build_schemas, render
+from bridge.cli import main
+from bridge.ops.schema import SCHEMA_NAMES, VALUE_SCHEMA_FILE, build_schemas, render
 from bridge.vod.event_types import EVENT_TYPES
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -61,3 +63,40 @@ def test_asyncapi_document_references_resolve() -> None:
             assert (SCHEMAS / ref).is_file(), ref
     key = doc["components"]["messages"]["vodEvent"]["bindings"]["kafka"]["key"]
     assert "TaskId" in key["description"]
+
+
+def test_schema_command_prints_one_json_document_the_value_schema_by_default(capsys) -> None:
+    assert main(["schema"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["$id"] == VALUE_SCHEMA_FILE
+    assert out.encode() == render(build_schemas()[VALUE_SCHEMA_FILE])
+
+
+def test_schema_list_names_one_per_line_and_each_name_prints_its_file(capsys) -> None:
+    assert main(["schema", "--list"]) == 0
+    names = capsys.readouterr().out.splitlines()
+    assert names == ["value", "headers", "keys", "asyncapi"]
+    for name in names:
+        assert main(["schema", name]) == 0
+        assert capsys.readouterr().out.encode() == (SCHEMAS / SCHEMA_NAMES[name]).read_bytes()
+
+
+def test_unknown_schema_name_exits_2_with_one_line_naming_the_available_ones(capsys) -> None:
+    assert main(["schema", "values"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "vod-bridge: schema: unknown schema 'values'; available: value, headers, keys, asyncapi\n"
+
+
+@pytest.mark.parametrize("argv", [["schema", "value", "--list"], ["schema", "value", "--write", "out"]])
+def test_a_name_with_list_or_write_is_refused(argv: list[str], capsys) -> None:
+    assert main(argv) == 2
+    assert "not several" in capsys.readouterr().err
+
+
+def test_schema_write_reproduces_the_committed_directory(tmp_path: Path, capsys) -> None:
+    assert main(["schema", "--write", str(tmp_path / "out")]) == 0
+    written = sorted(Path(line) for line in capsys.readouterr().out.splitlines())
+    assert [p.name for p in written] == sorted(p.name for p in SCHEMAS.glob("*.json"))
+    for path in written:
+        assert path.read_bytes() == (SCHEMAS / path.name).read_bytes()
