@@ -1,9 +1,9 @@
 """`vod-bridge`: the command line. The only place that reads the process environment and picks exit codes.
 
 Exit codes: 0 clean shutdown (or a finished command), 1 a one-shot command did not get through (``send``: not
-a 2xx; ``redrive``: Kafka failed, re-run from the printed offsets), 2 invalid configuration (including a
-spool this worker count would strand), 3 failed while starting or running (e.g. the broker refused the
-idempotent producer).
+a 2xx; ``redrive``: Kafka failed, re-run from the printed offsets; ``check``: a check failed), 2 invalid
+configuration (including a spool this worker count would strand), 3 failed while starting or running (e.g. the
+broker refused the idempotent producer).
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ from bridge.config import ENV_VARS, EventLoop, Settings, load_settings
 from bridge.delivery.clients import check_client
 from bridge.delivery.spool import check_no_stranded
 from bridge.errors import BridgeError, ConfigError
+from bridge.ops.check import (
+    DEFAULT_TIMEOUT_S,
+    CheckResult,
+    describe_configuration,
+    format_result,
+    format_summary,
+    run_checks,
+)
 from bridge.ops.embedded import EmbeddedBroker
 from bridge.ops.logs import configure_logging
 from bridge.ops.metrics import MULTIPROCESS_DIR_ENV, Metrics
@@ -56,6 +64,7 @@ logger = logging.getLogger("bridge.cli")
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
 EXIT_OK = 0
+EXIT_UNSUCCESSFUL = 1
 EXIT_CONFIG = 2
 EXIT_FAILED = 3
 
@@ -128,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     redrive_cmd.add_argument(
         "--timeout-s", type=float, default=30.0, help="bound on each Kafka wait: connecting, a fetch, an ack"
     )
+
+    check_cmd = commands.add_parser(
+        "check",
+        help="pre-flight: validate the configuration, reach Kafka (topics, producer), the VOD API and the spool",
+    )
+    _add_settings_flags(check_cmd, workers=True)
+    check_cmd.add_argument(
+        "--timeout-s",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="bound on each check (the whole run: 4 times this)",
+    )
     return parser
 
 
@@ -137,6 +158,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.command == "schema":
         return _schema(args)
     overrides = {var.name: str(value) for var in _FLAGS if (value := getattr(args, var.name, None)) is not None}
+    if args.command == "check":
+        return _check(env, overrides, args)
     try:
         settings = load_settings(env, overrides)
     except ConfigError as exc:
@@ -150,22 +173,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.command == "send":
         return asyncio.run(_send(settings, args))
     try:
-        credentials = Credentials.from_env(env) if settings.poller.enabled else None
-        # Before the app opens the spool: spools this worker count would never open must not be stranded.
-        check_no_stranded(settings.spool.dir, settings.workers)
-        check_client(settings.kafka)
-        if settings.poller.enabled:
-            # A confirm must still fit VOD's 30 s window after the slowest pull and publish.
-            check_window(settings.kafka.publish_timeout_s, settings.poller.request_timeout_s)
+        credentials = check_startup(settings, env)
     except ConfigError as exc:
         print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
-        return EXIT_CONFIG
-    if settings.poller.enabled and credentials is None:
-        print(
-            "vod-bridge: configuration error: BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID and "
-            "TENCENTCLOUD_SECRET_KEY (or their _FILE variants)",
-            file=sys.stderr,
-        )
         return EXIT_CONFIG
     if args.command == "serve":
         if settings.workers > 1:
@@ -177,6 +187,24 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return EXIT_CONFIG
         return serve(settings, credentials=credentials, metrics=metrics)
     return dev(settings, credentials=credentials)
+
+
+def check_startup(settings: Settings, env: Mapping[str, str]) -> Credentials | None:
+    """What ``serve`` and ``dev`` (and ``check``) verify before opening anything, beyond ``load_settings``: the
+    Tencent Cloud credentials the poller needs, spools left stranded, the Kafka client. Returns the credentials
+    (None without the poller); raises :class:`ConfigError`."""
+    credentials = Credentials.from_env(env) if settings.poller.enabled else None
+    # Before the app opens the spool: spools this worker count would never open must not be stranded.
+    check_no_stranded(settings.spool.dir, settings.workers)
+    check_client(settings.kafka)
+    if settings.poller.enabled:
+        # A confirm must still fit VOD's 30 s window after the slowest pull and publish.
+        check_window(settings.kafka.publish_timeout_s, settings.poller.request_timeout_s)
+        if credentials is None:
+            raise ConfigError(
+                "BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY (or their _FILE variants)"
+            )
+    return credentials
 
 
 def serve(
@@ -379,6 +407,38 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
         except aiohttp.ClientError as exc:
             print(f"vod-bridge: cannot reach {url.split('?')[0]}: {exc}", file=sys.stderr)
             return 1
+
+
+def _check(env: Mapping[str, str], overrides: Mapping[str, str], args: argparse.Namespace) -> int:
+    """One line per check on stdout, then a summary. Exit 0 when none failed (warnings allowed), 1 when one did,
+    2 for an invalid configuration (then nothing else is checked)."""
+    if not args.timeout_s > 0:
+        print("vod-bridge: configuration error: --timeout-s must be positive", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        settings = load_settings(env, overrides)
+        credentials = check_startup(settings, env)
+    except ConfigError as exc:
+        print(format_result(CheckResult("configuration", "fail", exc.message)), flush=True)
+        return EXIT_CONFIG
+    # The report is the output; client libraries' own lines would repeat it (kept at DEBUG, for a diagnosis).
+    verbose = settings.log_level == "DEBUG"
+    configure_logging("DEBUG" if verbose else "ERROR", settings.log_format)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_not_a_client_library)
+    configuration = CheckResult("configuration", "ok", describe_configuration(settings))
+    print(format_result(configuration), flush=True)
+    results = asyncio.run(run_checks(settings, credentials, timeout_s=args.timeout_s))
+    for result in results:
+        print(format_result(result))
+    print(format_summary([configuration, *results]), flush=True)
+    return EXIT_UNSUCCESSFUL if any(result.failed for result in results) else EXIT_OK
+
+
+def _not_a_client_library(record: logging.LogRecord) -> bool:
+    # The check's report already says what aiokafka's or librdkafka's error lines would.
+    return not record.name.startswith(("aiokafka", "librdkafka"))
 
 
 def _schema(args: argparse.Namespace) -> int:

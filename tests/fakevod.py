@@ -1,4 +1,4 @@
-"""A fake Tencent Cloud VOD API 3.0 server (``PullEvents`` / ``ConfirmEvents``) for tests.
+"""A fake Tencent Cloud VOD API 3.0 server (``PullEvents`` / ``ConfirmEvents`` / ``DescribeEventConfig``) for tests.
 
 It checks the TC3-HMAC-SHA256 signature of every request with its own implementation, written from
 Tencent's "Signature v3" documentation (it does not import ``bridge.vodapi``), and models the reliable
@@ -136,6 +136,8 @@ class _Fault:
     message: str
     http_status: int = 200
     raw_body: bytes | None = None
+    #: No answer at all until the fake closes (a VOD endpoint that hangs).
+    hang: bool = False
     #: Only a call of this action takes the fault; None: the next call of any action.
     action: str | None = None
 
@@ -159,6 +161,9 @@ class FakeVod:
     ``rejected_confirms`` (handles that were expired, unknown or already used), ``requests``
     (:class:`RecordedRequest` for every signed request) and ``last_authorization``.
 
+    ``DescribeEventConfig`` answers ``event_mode`` (``PULL`` or ``PUSH``). With ``sub_app_ids`` set, a call of any
+    action whose ``SubAppId`` is not one of them is answered ``InvalidParameterValue.SubAppId``.
+
     Expired handles: the ConfirmEvents docs (product 266 page 33434) say a handle older than 30 s gets "a
     parameter error (4000)". So, with ``strict_confirms=True`` (default), a ConfirmEvents call containing
     any expired/unknown handle is answered ``InvalidParameterValue`` -- after the valid handles of the same
@@ -178,6 +183,8 @@ class FakeVod:
         answer_delay_s: float = 0.0,
         strict_confirms: bool = True,
         max_skew_s: float = 300.0,
+        event_mode: str = "PULL",
+        sub_app_ids: frozenset[int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.secret_id = secret_id
@@ -192,6 +199,9 @@ class FakeVod:
         self.answer_delay_s = answer_delay_s
         self.strict_confirms = strict_confirms
         self.max_skew_s = max_skew_s
+        self.event_mode = event_mode
+        self.notification_url = "https://bridge.example/vod/callback/fake-callback-token-0000"
+        self.sub_app_ids = sub_app_ids
         self._clock = clock
 
         self.pulls = 0
@@ -209,6 +219,7 @@ class FakeVod:
         self._wakeup = asyncio.Event()
         self._pull_arrived = asyncio.Event()
         self._closing = False
+        self._closed = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.endpoint = ""
 
@@ -227,6 +238,7 @@ class FakeVod:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._closing = True
+        self._closed.set()
         self._wake()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -249,6 +261,10 @@ class FakeVod:
         """Answer the next ``n`` signed API calls (of ``action`` only, if given) with ``Response.Error.Code = code``
         (HTTP 200)."""
         self._faults.extend(_Fault(code, message or f"injected {code}", action=action) for _ in range(n))
+
+    def hang_next(self, n: int, *, action: str | None = None) -> None:
+        """Leave the next ``n`` signed API calls (of ``action`` only, if given) unanswered until the fake closes."""
+        self._faults.extend(_Fault("", "", hang=True, action=action) for _ in range(n))
 
     def fail_next_http(self, n: int, status: int = 502, body: bytes = b"<html>bad gateway</html>") -> None:
         """Answer the next ``n`` requests with raw HTTP ``status``/``body`` (200 + junk = unparseable)."""
@@ -318,15 +334,26 @@ class FakeVod:
         fault = next((f for f in self._faults if f.action in (None, action)), None)
         if fault is not None:
             self._faults.remove(fault)
+            if fault.hang:
+                self.requests.append(RecordedRequest(action, params, "held", headers))
+                await self._closed.wait()
+                return web.Response(status=503)
             if fault.raw_body is not None:
                 self.requests.append(RecordedRequest(action, params, f"HTTP {fault.http_status}", headers))
                 return web.Response(status=fault.http_status, body=fault.raw_body, content_type="text/html")
             return self._answer(action, params, headers, self._error(fault.code, fault.message))
 
+        if self.sub_app_ids is not None and params.get("SubAppId") not in self.sub_app_ids:
+            return self._answer(
+                action, params, headers, self._error("InvalidParameterValue.SubAppId", "The SubAppId does not exist.")
+            )
         if action == "PullEvents":
             payload = await self._pull_events()
         elif action == "ConfirmEvents":
             payload = self._confirm_events(params)
+        elif action == "DescribeEventConfig":
+            # NotificationUrl as VOD would send it: with a callback token in it, which must never be printed.
+            payload = {"Mode": self.event_mode, "NotificationUrl": self.notification_url}
         else:
             payload = self._error("InvalidAction", "The action does not exist.")
         return self._answer(action, params, headers, payload)

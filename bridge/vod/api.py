@@ -1,4 +1,5 @@
-"""Tencent Cloud VOD API 3.0 client: ``PullEvents`` / ``ConfirmEvents`` with TC3-HMAC-SHA256 signing.
+"""Tencent Cloud VOD API 3.0 client: ``PullEvents`` / ``ConfirmEvents`` (and the read-only
+``DescribeEventConfig`` that ``vod-bridge check`` calls) with TC3-HMAC-SHA256 signing.
 
 Contracts:
 
@@ -37,6 +38,7 @@ __all__ = [
     "MAX_CONFIRM_HANDLES",
     "SERVICE",
     "Credentials",
+    "EventConfig",
     "VodApiError",
     "VodClient",
     "VodRateLimited",
@@ -303,6 +305,10 @@ class _ConfirmEventsRequest(msgspec.Struct, rename="pascal", omit_defaults=True)
     sub_app_id: int | None = None
 
 
+class _DescribeEventConfigRequest(msgspec.Struct, rename="pascal", omit_defaults=True):
+    sub_app_id: int | None = None
+
+
 class _ApiErrorBody(msgspec.Struct, rename="pascal"):
     code: str = ""
     message: str = ""
@@ -328,9 +334,30 @@ class _ConfirmEventsEnvelope(msgspec.Struct, rename="pascal"):
     response: _ConfirmEventsResponse
 
 
+class EventConfig(msgspec.Struct, frozen=True):
+    """What ``DescribeEventConfig`` says about how the application receives event notifications.
+
+    Only the mode is kept: the answer's ``NotificationUrl`` may embed the callback token.
+    """
+
+    #: ``PUSH``: normal callbacks to the notification URL; ``PULL``: reliable callbacks (PullEvents).
+    mode: str
+
+
+class _DescribeEventConfigResponse(msgspec.Struct, rename="pascal"):
+    request_id: str = ""
+    error: _ApiErrorBody | None = None
+    mode: str = ""
+
+
+class _DescribeEventConfigEnvelope(msgspec.Struct, rename="pascal"):
+    response: _DescribeEventConfigResponse
+
+
 _ENCODER = msgspec.json.Encoder()
 _PULL_DECODER = msgspec.json.Decoder(_PullEventsEnvelope)
 _CONFIRM_DECODER = msgspec.json.Decoder(_ConfirmEventsEnvelope)
+_EVENT_CONFIG_DECODER = msgspec.json.Decoder(_DescribeEventConfigEnvelope)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -355,7 +382,8 @@ def _parse_endpoint(endpoint: str) -> tuple[str, str]:
 
 
 class VodClient:
-    """Calls ``PullEvents`` / ``ConfirmEvents`` on the VOD API with an injected, caller-owned session.
+    """Calls ``PullEvents`` / ``ConfirmEvents`` (and ``DescribeEventConfig``) on the VOD API with an injected,
+    caller-owned session.
 
     Thread-unsafe but coroutine-safe (no shared mutable state besides the session). Never retries.
     """
@@ -437,6 +465,20 @@ class VodClient:
         if response.error is not None:
             raise self._api_error("ConfirmEvents", response.error, response.request_id)
         logger.debug("ConfirmEvents confirmed %d handle(s) (RequestId %s)", len(handle_list), response.request_id)
+
+    async def describe_event_config(self) -> EventConfig:
+        """The application's event notification mode, read-only: unlike PullEvents it hands out no event, so it
+        proves the credentials, region and ``SubAppId`` without taking an event from the poller.
+
+        Needs the CAM permission ``vod:DescribeEventConfig``. Raises :class:`VodApiError` or
+        :class:`VodTransportError`.
+        """
+        payload = _ENCODER.encode(_DescribeEventConfigRequest(sub_app_id=self._sub_app_id))
+        body = await self._call("DescribeEventConfig", payload)
+        response = self._decode(_EVENT_CONFIG_DECODER, "DescribeEventConfig", body).response
+        if response.error is not None:
+            raise self._api_error("DescribeEventConfig", response.error, response.request_id)
+        return EventConfig(mode=response.mode)
 
     # -- internals -----------------------------------------------------------------------------------------
 

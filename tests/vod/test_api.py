@@ -26,6 +26,7 @@ from bridge.errors import ConfigError, UpstreamError
 from bridge.vod.api import (
     MAX_CONFIRM_HANDLES,
     Credentials,
+    EventConfig,
     VodApiError,
     VodClient,
     VodRateLimited,
@@ -291,6 +292,36 @@ async def test_sub_app_id_is_sent(session: aiohttp.ClientSession, vod: FakeVod) 
     }
     assert vod.requests[0].headers["x-tc-region"] == "ap-guangzhou"
     assert vod.requests[0].headers["host"] == vod.endpoint.removeprefix("http://")
+
+
+async def test_describe_event_config_reads_the_mode_and_takes_no_event(
+    session: aiohttp.ClientSession, vod: FakeVod
+) -> None:
+    event_id = vod.add_event(_event("stays-queued"))
+    vod.event_mode = "PUSH"
+    client = _client(session, vod, sub_app_id=1500012345, region="ap-guangzhou")
+
+    config = await client.describe_event_config()
+
+    assert config == EventConfig(mode="PUSH")
+    assert not hasattr(config, "notification_url")  # it may embed the callback token
+    assert [(r.action, r.params) for r in vod.requests] == [("DescribeEventConfig", {"SubAppId": 1500012345})]
+    assert vod.deliveries[event_id] == 0 and vod.pulls_received == 0
+
+
+async def test_describe_event_config_errors_are_typed(session: aiohttp.ClientSession) -> None:
+    async with FakeVod(secret_id=SECRET_ID, secret_key=SECRET_KEY, sub_app_ids=frozenset({1500000001})) as vod:
+        with pytest.raises(VodApiError) as excinfo:
+            await _client(session, vod, sub_app_id=1500000002).describe_event_config()
+        assert excinfo.value.api_code == "InvalidParameterValue.SubAppId"
+        assert excinfo.value.action == "DescribeEventConfig"
+        assert await _client(session, vod, sub_app_id=1500000001).describe_event_config() == EventConfig("PULL")
+
+        vod.hang_next(1, action="DescribeEventConfig")
+        started = time.monotonic()
+        with pytest.raises(VodTransportError, match=r"DescribeEventConfig: no answer within 0\.3s"):
+            await _client(session, vod, sub_app_id=1500000001, request_timeout_s=0.3).describe_event_config()
+        assert time.monotonic() - started < 2.0
 
 
 async def test_temporary_credentials_send_the_token(session: aiohttp.ClientSession) -> None:

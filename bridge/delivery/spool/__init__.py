@@ -19,6 +19,7 @@ from bridge.delivery.spool.store import (
     SpoolInUse,
     SpoolProblem,
     SpoolStatus,
+    probe_lock,
 )
 from bridge.delivery.spool.stranded import (
     StrandedSpool,
@@ -46,6 +47,7 @@ __all__ = [
     "check_no_stranded",
     "encode_header",
     "find_stranded",
+    "probe_lock",
     "spool_dirs",
     "worker_spool_dir",
 ]

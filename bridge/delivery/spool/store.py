@@ -187,6 +187,15 @@ def _lock(directory: Path) -> int:
     return lock_fd
 
 
+def probe_lock(directory: Path) -> None:
+    """Take the spool's directory lock and release it at once, as a pre-flight check (``vod-bridge check``).
+
+    Creates the ``LOCK`` file if missing, as :meth:`Spool.open` does, and touches nothing else. Raises
+    :class:`SpoolInUse` if another process holds the spool, :class:`SpoolError` if the lock cannot be taken.
+    """
+    os.close(_lock(Path(directory)))
+
+
 def _list_segments(directory: Path) -> list[tuple[int, Path]]:
     """``(first_seq, path)`` of every segment file in ``directory``, oldest first."""
     return sorted(
