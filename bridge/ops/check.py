@@ -5,6 +5,9 @@ three groups side by side — Kafka (metadata, then the topics, then the produce
 spool directories (spool only) — each check within ``timeout_s`` and the whole run within
 ``OVERALL_TIMEOUTS * timeout_s``, whatever hangs. Nothing here prints: ``bridge.cli`` does.
 
+The metadata and topics are read with aiokafka's admin client whatever ``BRIDGE_KAFKA_CLIENT`` says (same
+address, TLS and SASL settings); the producer check uses the configured client, as the bridge will.
+
 Nothing here changes what a running bridge depends on. Topics are looked up in the metadata of all topics,
 because a metadata request that names a topic makes an auto-creating broker create it (the embedded brokers
 do). The producer connects (with idempotence on, that includes InitProducerId) and sends nothing. The VOD call
@@ -55,6 +58,8 @@ DEFAULT_TIMEOUT_S: Final = 10.0
 #: The whole run ends within this many ``timeout_s``: the Kafka group runs three checks one after the other, and
 #: closing its clients gets one more.
 OVERALL_TIMEOUTS: Final = 4
+#: How long cancelled checks may take to close their clients once the overall bound is reached.
+CANCEL_GRACE_S: Final = 2.0
 #: How often the producer may try to connect within its check (librdkafka gives each attempt at most 2 s).
 PRODUCER_ATTEMPTS: Final = 2
 _AUTO_CREATE: Final = "auto.create.topics.enable"
@@ -122,16 +127,20 @@ async def run_checks(
     settings: Settings, credentials: Credentials | None, *, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> list[CheckResult]:
     """Run every check that applies to ``settings`` and return their results: Kafka's first, then the VOD API's,
-    then the spool's. Returns within ``OVERALL_TIMEOUTS * timeout_s`` (and the time cancelled clients take to
-    close, which is bounded too). ``credentials`` are needed when the poller is on."""
+    then the spool's. Returns within ``OVERALL_TIMEOUTS * timeout_s`` plus at most ``CANCEL_GRACE_S``.
+    ``credentials`` are needed when the poller is on (without them its check fails)."""
     if not timeout_s > 0:
         raise ValueError("timeout_s must be positive")
     groups: dict[str, Callable[[Callable[[CheckResult], None]], Coroutine[Any, Any, None]]] = {
         "kafka": lambda emit: _kafka_checks(settings, timeout_s, emit),
     }
-    if settings.poller.enabled and credentials is not None:
+    if settings.poller.enabled:
         poller = settings.poller
-        groups["vod api"] = lambda emit: _emit_one(emit, check_vod_api(poller, credentials, timeout_s=timeout_s))
+        if credentials is None:
+            missing = CheckResult("vod api", "fail", "the poller needs TENCENTCLOUD_SECRET_ID and _SECRET_KEY")
+            groups["vod api"] = lambda emit: _emit_one(emit, asyncio.sleep(0, missing))
+        else:
+            groups["vod api"] = lambda emit: _emit_one(emit, check_vod_api(poller, credentials, timeout_s=timeout_s))
     if settings.spool.dir is not None:
         directories = spool_dirs(Path(settings.spool.dir), settings.workers)
         max_bytes = settings.spool.max_bytes
@@ -152,7 +161,7 @@ async def run_checks(
             collected[name].append(CheckResult(name, "fail", f"the check itself failed: {type(exc).__name__}"))
     if pending:
         # Cancelled clients close within their own bounds; do not wait for them beyond a moment more.
-        await asyncio.wait(pending, timeout=timeout_s)
+        await asyncio.wait(pending, timeout=min(timeout_s, CANCEL_GRACE_S))
     secrets = configured_secrets(settings, credentials)
     return [CheckResult(r.name, r.status, redact(r.detail, secrets)) for name in groups for r in collected[name]]
 
