@@ -412,10 +412,9 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
 def _check(env: Mapping[str, str], overrides: Mapping[str, str], args: argparse.Namespace) -> int:
     """One line per check on stdout, then a summary. Exit 0 when none failed (warnings allowed), 1 when one did,
     2 for an invalid configuration (then nothing else is checked)."""
-    if not args.timeout_s > 0:
-        print("vod-bridge: configuration error: --timeout-s must be positive", file=sys.stderr)
-        return EXIT_CONFIG
     try:
+        if not args.timeout_s > 0:
+            raise ConfigError("--timeout-s must be positive")
         settings = load_settings(env, overrides)
         credentials = check_startup(settings, env)
     except ConfigError as exc:

@@ -189,7 +189,7 @@ async def test_unreachable_kafka_fails_within_the_bound(
     else:
         server = await asyncio.start_server(accept_and_ignore, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-    timeout_s = 0.5
+    timeout_s = 1.0
     settings = with_poller_and_spool(make_settings(bootstrap_servers=f"127.0.0.1:{port}"), vod, tmp_path / "spool")
     try:
         started = time.monotonic()
@@ -209,7 +209,7 @@ async def test_unreachable_kafka_fails_within_the_bound(
         assert metadata.detail.startswith(f"127.0.0.1:{port}: KafkaConnectionError: Unable to bootstrap")
         assert "last client error: Unable connect to" in metadata.detail
     else:
-        assert metadata.detail == f"127.0.0.1:{port}: no answer within 0.5s"
+        assert metadata.detail == f"127.0.0.1:{port}: no answer within 1s"
     assert [(r.status, r.detail) for r in [*topics, producer]] == [("skip", "needs the kafka metadata")] * 3
     assert (vod_api.status, spool.status) == ("ok", "ok")
 
@@ -299,10 +299,20 @@ def test_redact_replaces_every_secret_longest_first() -> None:
     assert redact("a pw and a pw-long", ["pw", "pw-long", ""]) == "a *** and a ***"
 
 
-def test_invalid_configuration_is_one_fail_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check"], environ={"BRIDGE_PULL_ENABLED": "true"}) == 2
+@pytest.mark.parametrize(
+    ("argv", "environ", "line"),
+    [
+        ([], {"BRIDGE_PULL_ENABLED": "true"}, "FAIL configuration: BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID"),
+        (["--port", "http"], {}, "FAIL configuration: BRIDGE_HTTP_PORT: "),
+        (["--timeout-s", "0"], {}, "FAIL configuration: --timeout-s must be positive"),
+    ],
+)
+def test_invalid_configuration_is_one_fail_line_and_exit_2(
+    argv: list[str], environ: dict[str, str], line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", *argv], environ=environ) == 2
     out = capsys.readouterr().out
-    assert out.startswith("FAIL configuration: BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID")
+    assert out.startswith(line)
     assert out.count("\n") == 1
 
 
