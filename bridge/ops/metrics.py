@@ -84,6 +84,7 @@ class Metrics:
         self.spool_depth = Gauge("vod_bridge_spool_depth", "Events in the spool not yet acked by Kafka", registry=r)
         self.in_flight = Gauge("vod_bridge_publish_in_flight", "Publishes awaiting an ack", registry=r)
         self.kafka_connected = Gauge("vod_bridge_kafka_connected", "1 when the producer is connected", registry=r)
+        self.tls_reloads = Counter("vod_bridge_tls_reloads", "TLS certificate reloads", ["outcome"], registry=r)
 
     def count_received(self, source: str, event_type: str) -> None:
         (self._received.get((source, event_type)) or self._child(self.received, source, event_type)).inc()
