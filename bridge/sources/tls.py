@@ -61,7 +61,7 @@ class _Chain:
         """SHA-256 of the leaf certificate (the first in the file), hex: what ``openssl x509 -fingerprint
         -sha256`` prints, without the colons. Public information, safe to log."""
         match = _FIRST_CERT.search(self.cert_pem)
-        assert match is not None  # _check_chain refused a file without one
+        assert match is not None  # _load_checked refused a file without one
         return hashlib.sha256(ssl.PEM_cert_to_DER_cert(match.group().decode("ascii"))).hexdigest()
 
 
@@ -160,8 +160,8 @@ class ServerTls:
 
 
 def check_files(http: HttpSettings) -> None:
-    """Raise :class:`ConfigError` as :meth:`ServerTls.load` would, without keeping anything: for a process
-    that does not serve itself (the ``--workers`` supervisor) to refuse a start before starting anything."""
+    """Raise :class:`ConfigError` as :meth:`ServerTls.load` would, without keeping anything: for the CLI to
+    refuse a start before it starts anything (the ``--workers`` supervisor, the embedded broker of ``dev``)."""
     _build(http)
 
 
@@ -230,8 +230,13 @@ def _load_checked(context: ssl.SSLContext, chain: _Chain, cert_path: str, key_pa
 
 
 def _load_chain(context: ssl.SSLContext, chain: _Chain) -> None:
-    with _snapshot_paths(chain.cert_pem, chain.key_pem) as (cert_path, key_path):
-        context.load_cert_chain(cert_path, key_path, password=_refuse_password)
+    try:
+        with _snapshot_paths(chain.cert_pem, chain.key_pem) as (cert_path, key_path):
+            context.load_cert_chain(cert_path, key_path, password=_refuse_password)
+    except ssl.SSLError:
+        raise  # an OSError too, but about the files: _load_checked names the one at fault
+    except OSError as exc:  # the snapshot (out of file descriptors, memory): nothing about the files
+        raise ConfigError(f"{CERT_FILE_VAR}: cannot load the certificate and key: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import subprocess
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Kafka, read_records, sample_event
+from conftest import Kafka, read_records, sample_event, wait_until
 from faultkit import BridgeProcess, bridge_env
 
 from bridge.config import load_settings
@@ -68,6 +69,10 @@ async def test_two_workers_share_the_port_and_stop_cleanly(kafka: Kafka, topic: 
             assert await asyncio.gather(*(post(k) for k in keys)) == [200] * len(keys)
         records = await read_records(kafka.bootstrap_servers, topic, count=len(keys))
         assert sorted(r.key.decode() for r in records) == sorted(keys)
+        # SIGHUP reaches every worker (a TLS certificate reload; without TLS only a log line) and stops none.
+        assert bridge.process is not None
+        bridge.process.send_signal(signal.SIGHUP)
+        await wait_until(lambda: bridge.logfile.read_text().count("SIGHUP: no TLS certificate") == 2, timeout_s=10)
     finally:
         assert await bridge.stop() == 0
     log = bridge.logfile.read_text()

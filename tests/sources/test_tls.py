@@ -34,6 +34,7 @@ from bridge.app import COMPONENTS, create_app, runner_options
 from bridge.cli import EXIT_CONFIG, main
 from bridge.config import Settings
 from bridge.ops.embedded import free_port
+from bridge.ops.metrics import Metrics
 from bridge.sources.tls import ServerTls
 
 
@@ -84,7 +85,7 @@ def files(tmp_path: Path) -> CertFiles:
 class Served:
     url: str
     tls: ServerTls
-    settings: Settings
+    metrics: Metrics
 
 
 @pytest.fixture
@@ -94,14 +95,17 @@ async def serve_tls() -> AsyncIterator[Callable[..., Any]]:
 
     async def serve(settings: Settings) -> Served:
         app = create_app(settings)
-        tls = app[COMPONENTS].tls
+        components = app[COMPONENTS]
+        tls = components.tls
         assert tls is not None
         runner = web.AppRunner(app, **runner_options(settings))
         runners.append(runner)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.context).start()
         host, port = runner.addresses[0][:2]
-        return Served(f"https://{host}:{port}", tls, settings)
+        # Connected before the test goes on: a producer closed mid-connect leaks aiokafka's connection.
+        await wait_until(lambda: components.sink.ready, timeout_s=15)
+        return Served(f"https://{host}:{port}", tls, components.metrics)
 
     yield serve
     for runner in runners:
@@ -134,17 +138,19 @@ async def close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
-async def wait_until_ready(session: aiohttp.ClientSession, url: str, client: ssl.SSLContext) -> None:
-    async with asyncio.timeout(15):
+async def wait_until_ready(url: str, client: ssl.SSLContext) -> None:
+    """Until ``GET /readyz`` answers 200 over https (the listener is up and Kafka connected)."""
+    async with asyncio.timeout(15), aiohttp.ClientSession() as session:
         while True:
-            async with session.get(f"{url}/readyz", ssl=client) as response:
-                if response.status == 200:
-                    return
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with session.get(f"{url}/readyz", ssl=client) as response:
+                    if response.status == 200:
+                        return
             await asyncio.sleep(0.05)
 
 
 def reloads(served: Served, outcome: str) -> float:
-    value = served.tls._metrics.registry.get_sample_value("vod_bridge_tls_reloads_total", {"outcome": outcome})
+    value = served.metrics.registry.get_sample_value("vod_bridge_tls_reloads_total", {"outcome": outcome})
     return value or 0.0
 
 
@@ -154,11 +160,12 @@ async def test_https_callback_is_published_after_the_kafka_ack(
     expected = files.install(issue(ca))
     served = await serve_tls(tls_settings(make_settings, files))
     trusting = client_context(ca)
-    async with aiohttp.ClientSession() as session:
-        await wait_until_ready(session, served.url, trusting)
-        async with session.post(f"{served.url}/vod/callback", json=sample_event("tls-1"), ssl=trusting) as response:
-            assert response.status == 200, await response.text()
-            assert (await response.json())["status"] == "published"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{served.url}/vod/callback", json=sample_event("tls-1"), ssl=trusting) as response,
+    ):
+        assert response.status == 200, await response.text()
+        assert (await response.json())["status"] == "published"
     (record,) = await read_records(kafka.bootstrap_servers, topic, count=1)
     assert record.key == b"tls-1"
     assert await served_certificate(served.url, trusting) == (expected, "TLSv1.3")
@@ -408,7 +415,9 @@ async def test_sighup_reloads_every_worker(kafka: Kafka, ca, files, tmp_path, to
     url = f"https://127.0.0.1:{port}"
     trusting = client_context(ca)
     try:
+        # Each worker handles SIGHUP from before its producer starts connecting.
         await wait_until(lambda: logfile.read_text().count("kafka producer connected") == 2, timeout_s=20)
+        await wait_until_ready(url, trusting)
         assert (await served_certificate(url, trusting))[0] == first
 
         second = files.install(issue(ca))
