@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from bridge.sources.access import SourceFilter
 from bridge.sources.callback import CallbackReceiver
 from bridge.sources.http import error_middleware
 from bridge.sources.poller import Poller
+from bridge.sources.tls import ServerTls
 from bridge.vod.api import Credentials, VodClient
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class Components:
     #: Set once the spool is open (start-up), when ``BRIDGE_SPOOL_DIR`` is set.
     forwarder: SpoolForwarder | None = None
     poller: Poller | None = None
+    #: The server's TLS context and its certificate files, when ``BRIDGE_HTTP_TLS_CERT_FILE`` is set.
+    tls: ServerTls | None = None
     #: Loop time by which the poller and the forwarder must have finished, set when shutdown begins: they
     #: stop alongside the draining HTTP handlers, and the producer's bounded flush comes after.
     shutdown_deadline: float | None = None
@@ -87,6 +91,9 @@ def create_app(
     Cleanup contexts are registered sink first, spool second, poller third, so on shutdown the poller finishes
     its batch and the forwarder stops before the producer flushes and closes. In multiprocess mode
     (``metrics.multiprocess_dir``) a gauge refresh comes before them all, so it runs until the producer closed.
+
+    With ``BRIDGE_HTTP_TLS_CERT_FILE`` set, the certificate files are loaded here (:class:`ConfigError` when they
+    cannot serve); whoever binds the socket passes ``app[COMPONENTS].tls.context`` to it.
     """
     if settings.poller.enabled and credentials is None:
         raise ConfigError(
@@ -109,7 +116,8 @@ def create_app(
         dedup=dedup,
         spool_budget_s=settings.spool.publish_budget_s,
     )
-    components = Components(settings, metrics, sink, delivery)
+    tls = ServerTls.load(http, metrics) if http.tls_enabled else None
+    components = Components(settings, metrics, sink, delivery, tls=tls)
     metrics.feed(metrics.ready, lambda: float(components.ready))
     tracer = make_tracer(settings.otel_enabled)
 
@@ -123,6 +131,8 @@ def create_app(
     if settings.poller.enabled:
         assert credentials is not None
         app.cleanup_ctx.append(_poller_ctx(components, credentials, tracer, on_fatal))
+    if tls is not None and http.tls_reload_interval_s > 0:
+        app.cleanup_ctx.append(_tls_watch_ctx(tls, http.tls_reload_interval_s))
     app.on_shutdown.append(_stop_background)
     if settings.callback_enabled:
         source_filter = SourceFilter(parse_networks(http.allowed_cidrs), parse_networks(http.trusted_proxies))
@@ -243,6 +253,36 @@ def _spool_ctx(
         await async_spool.close()
 
     return spool
+
+
+def _tls_watch_ctx(tls: ServerTls, interval_s: float) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def tls_watch(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(tls.watch(interval_s), name="tls-watch")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return tls_watch
+
+
+async def reload_on_sighup(app: web.Application) -> AsyncIterator[None]:
+    """A cleanup context for the serving process (like :func:`freeze_gc`, not for embedded apps): SIGHUP
+    reloads the TLS certificate; without TLS it is logged and otherwise ignored. ``--workers`` forwards it."""
+    tls = app[COMPONENTS].tls
+
+    def on_sighup() -> None:
+        if tls is None:
+            logger.info("SIGHUP: no TLS certificate configured, nothing to reload")
+        else:
+            tls.reload("SIGHUP")
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    yield
+    loop.remove_signal_handler(signal.SIGHUP)
+    # The producer still flushes after this: a late SIGHUP must not kill the process (SIG_DFL would).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 async def _finish(task: asyncio.Task[None], name: str, timeout_s: float) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ import msgspec
 from aiohttp import web
 
 from bridge import __version__
-from bridge.app import COMPONENTS, create_app, freeze_gc, runner_options
+from bridge.app import COMPONENTS, create_app, freeze_gc, reload_on_sighup, runner_options
 from bridge.config import ENV_VARS, EventLoop, Settings, load_settings
 from bridge.delivery.clients import check_client
 from bridge.delivery.spool import check_no_stranded
@@ -56,6 +57,7 @@ from bridge.ops.schema import DEFAULT_SCHEMA, SCHEMA_NAMES, UnknownSchema, rende
 from bridge.ops.tail import tail
 from bridge.ops.workers import run_workers
 from bridge.sources.poller import check_window
+from bridge.sources.tls import check_files as check_tls_files
 from bridge.vod.api import Credentials
 from bridge.vod.signing import expected_sign
 
@@ -111,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--url", help="callback URL (default: from --host/--port/--callback-path)")
     send.add_argument("--task-id", help="replace the payload's TaskId (send the same file repeatedly)")
     send.add_argument("--sign", action="store_true", help="add Sign/T with BRIDGE_CALLBACK_SIGN_KEY")
+    trust = send.add_mutually_exclusive_group()
+    trust.add_argument("--cafile", type=Path, help="https: trust the CA certificates in this PEM file")
+    trust.add_argument(
+        "--insecure",
+        action="store_true",
+        help="https: do not verify the certificate (a local bridge's certificate rarely names 127.0.0.1)",
+    )
 
     tail_cmd = commands.add_parser("tail", help="print records from the topic as they arrive")
     _add_settings_flags(tail_cmd)
@@ -197,6 +206,9 @@ def check_startup(settings: Settings, env: Mapping[str, str]) -> Credentials | N
     # Before the app opens the spool: spools this worker count would never open must not be stranded.
     check_no_stranded(settings.spool.dir, settings.workers)
     check_client(settings.kafka)
+    if settings.http.tls_enabled:
+        # Before the workers or the embedded broker start; each serving process loads the files again.
+        check_tls_files(settings.http)
     if settings.poller.enabled:
         # A confirm must still fit VOD's 30 s window after the slowest pull and publish.
         check_window(settings.kafka.publish_timeout_s, settings.poller.request_timeout_s)
@@ -217,6 +229,8 @@ def serve(
     """Run until SIGTERM/SIGINT: stop accepting, finish in-flight publishes, flush, exit 0. ``metrics`` is
     multiprocess for a worker of ``--workers N``."""
     failures: list[BaseException] = []
+    # Until the app handles SIGHUP (certificate reload), one (e.g. forwarded by --workers) must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def on_fatal(exc: BaseException) -> None:
         logger.critical("stopping: %s", exc)
@@ -224,14 +238,21 @@ def serve(
         # run_app turns the signal into its graceful shutdown, the same path as an operator's SIGTERM.
         signal.raise_signal(signal.SIGTERM)
 
-    app = create_app(settings, credentials=credentials, metrics=metrics, on_fatal=on_fatal)
-    sink = app[COMPONENTS].sink
+    try:
+        app = create_app(settings, credentials=credentials, metrics=metrics, on_fatal=on_fatal)
+    except ConfigError as exc:
+        print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    components = app[COMPONENTS]
+    sink = components.sink
     app.on_startup.append(freeze_gc)
+    app.cleanup_ctx.append(reload_on_sighup)
     for ctx in extra_cleanup:
         app.cleanup_ctx.append(ctx)
     logger.info(
-        "vod-bridge %s listening on http://%s:%d%s -> kafka %s topic %s",
+        "vod-bridge %s listening on %s://%s:%d%s -> kafka %s topic %s",
         __version__,
+        _scheme(settings),
         settings.http.host,
         settings.http.port,
         settings.http.callback_path,
@@ -246,6 +267,7 @@ def serve(
             reuse_port=settings.http.reuse_port or None,
             shutdown_timeout=settings.http.shutdown_timeout_s,
             print=None,
+            ssl_context=components.tls.context if components.tls is not None else None,
             loop=new_event_loop(settings.event_loop),
             **runner_options(settings),
         )
@@ -278,7 +300,11 @@ def new_event_loop(choice: EventLoop) -> asyncio.AbstractEventLoop:
 def local_callback_url(settings: Settings) -> str:
     """The callback URL of a bridge on this machine (a wildcard listen address is reached via loopback)."""
     host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::") else settings.http.host
-    return f"http://{host}:{settings.http.port}{settings.http.callback_path}"
+    return f"{_scheme(settings)}://{host}:{settings.http.port}{settings.http.callback_path}"
+
+
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.http.tls_enabled else "http"
 
 
 def event_topics(settings: Settings) -> set[str]:
@@ -297,9 +323,11 @@ def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
     settings = msgspec.structs.replace(settings, kafka=kafka)
     logger.info("embedded tansu broker on %s (in memory; idempotent producer off for tansu)", broker.bootstrap_servers)
     url = local_callback_url(settings)
+    # With TLS, curl must trust the certificate's CA (--cacert) and the certificate must name 127.0.0.1.
+    trust = " --cacert <CA of BRIDGE_HTTP_TLS_CERT_FILE>" if settings.http.tls_enabled else ""
     banner = (
         "\nvod-bridge dev is up. Send the sample PullComplete event with:\n\n"
-        f"  curl -sS -X POST {url} -H 'Content-Type: application/json' --data-binary @{sample_path()}\n\n"
+        f"  curl -sS{trust} -X POST {url} -H 'Content-Type: application/json' --data-binary @{sample_path()}\n\n"
         f"Records published to Kafka (dead letters included) are printed below as they land. Ctrl-C stops.\n"
     )
 
@@ -399,9 +427,18 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
     url = args.url or local_callback_url(settings)
     if settings.http.token is not None and not args.url:
         url += f"?token={settings.http.token}"
+    tls: ssl.SSLContext | bool = True  # aiohttp's default: verify against the system CAs
+    if args.insecure:
+        tls = False
+    elif args.cafile is not None:
+        try:
+            tls = ssl.create_default_context(cafile=str(args.cafile))
+        except (OSError, ssl.SSLError) as exc:
+            print(f"vod-bridge: --cafile {args.cafile}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         try:
-            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}, ssl=tls) as response:
                 print(response.status, await response.text())
                 return EXIT_OK if response.status < 300 else 1
         except aiohttp.ClientError as exc:

@@ -95,9 +95,20 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     allowed_cidrs: list[str] = []
     #: Proxies whose X-Forwarded-For is believed when finding the client address.
     trusted_proxies: list[str] = []
+    #: PEM certificate chain and private key: when set (both), the server speaks HTTPS only (bridge.sources.tls).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    #: PEM CA bundle: when set, every client must present a certificate it signed (mutual TLS).
+    tls_client_ca_file: str | None = None
+    #: How often the certificate and key files are checked for a rotation; 0 leaves reloading to SIGHUP.
+    tls_reload_interval_s: float = 10.0
 
     def __repr__(self) -> str:
         return _masked_repr(self, ("sign_key", "token"))
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 def _masked_repr(settings: msgspec.Struct, secret_fields: tuple[str, ...]) -> str:
@@ -282,6 +293,22 @@ ENV_VARS: Final = (
         "source addresses allowed to post, e.g. `203.0.113.0/24,2001:db8::/32` (default: all)",
     ),
     EnvVar("BRIDGE_TRUSTED_PROXIES", "http.trusted_proxies", "proxies (CIDRs) whose `X-Forwarded-For` is believed"),
+    EnvVar(
+        "BRIDGE_HTTP_TLS_CERT_FILE",
+        "http.tls_cert_file",
+        'PEM certificate chain (leaf first): serve HTTPS instead of HTTP; see "HTTPS"',
+    ),
+    EnvVar("BRIDGE_HTTP_TLS_KEY_FILE", "http.tls_key_file", "PEM private key of that certificate (unencrypted)"),
+    EnvVar(
+        "BRIDGE_HTTP_TLS_CLIENT_CA_FILE",
+        "http.tls_client_ca_file",
+        "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
+    ),
+    EnvVar(
+        "BRIDGE_HTTP_TLS_RELOAD_INTERVAL_S",
+        "http.tls_reload_interval_s",
+        "how often the certificate and key files are checked for a rotation (SIGHUP reloads too); 0: SIGHUP only",
+    ),
     # Delivery: the path both sources share (bridge.delivery).
     EnvVar(
         "BRIDGE_KAFKA_DEAD_LETTER_TOPIC",
@@ -481,6 +508,15 @@ def _validate(settings: Settings) -> None:
         (http.body_timeout_s > 0, "BRIDGE_HTTP_BODY_TIMEOUT_S: must be > 0"),
         (http.idle_timeout_s > 0, "BRIDGE_HTTP_IDLE_TIMEOUT_S: must be > 0"),
         (http.shutdown_timeout_s >= 0, "BRIDGE_SHUTDOWN_TIMEOUT_S: must be >= 0"),
+        (
+            (http.tls_cert_file is None) == (http.tls_key_file is None),
+            "BRIDGE_HTTP_TLS_CERT_FILE and BRIDGE_HTTP_TLS_KEY_FILE: set both or neither",
+        ),
+        (
+            http.tls_client_ca_file is None or http.tls_enabled,
+            "BRIDGE_HTTP_TLS_CLIENT_CA_FILE: needs BRIDGE_HTTP_TLS_CERT_FILE and BRIDGE_HTTP_TLS_KEY_FILE",
+        ),
+        (http.tls_reload_interval_s >= 0, "BRIDGE_HTTP_TLS_RELOAD_INTERVAL_S: must be >= 0"),
     ]
     poller = settings.poller
     checks += [

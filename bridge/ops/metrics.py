@@ -147,6 +147,7 @@ class Metrics:
             "aiokafka producers replaced because their sender routine died (librdkafka: a fatal error exits instead)",
             registry=r,
         )
+        self.tls_reloads = Counter("vod_bridge_tls_reloads", "TLS certificate reloads", ["outcome"], registry=r)
 
     def count_received(self, source: str, event_type: str) -> None:
         (self._received.get((source, event_type)) or self._child(self.received, source, event_type)).inc()

@@ -1,10 +1,11 @@
 """``--workers N``: N `vod-bridge serve` processes sharing one port through SO_REUSEPORT.
 
 Each worker is a complete bridge with its own Kafka producer. The supervisor forwards SIGTERM/SIGINT to all
-of them (each drains and flushes on its own) and exits with the first non-zero worker exit code. Per worker:
-the spool, when configured, lives in ``<BRIDGE_SPOOL_DIR>/worker-<i>`` (a spool belongs to one process) and
-only worker 0 runs the PullEvents poller. Because of that split, the supervisor refuses to start when the
-worker count would leave another count's spool with undelivered events unopened (``check_no_stranded``).
+of them (each drains and flushes on its own) and exits with the first non-zero worker exit code; it forwards
+SIGHUP too (each worker reloads its TLS certificate). Per worker: the spool, when configured, lives in
+``<BRIDGE_SPOOL_DIR>/worker-<i>`` (a spool belongs to one process) and only worker 0 runs the PullEvents
+poller. Because of that split, the supervisor refuses to start when the worker count would leave another
+count's spool with undelivered events unopened (``check_no_stranded``).
 
 Metrics: the workers run in prometheus_client's multiprocess mode over a private directory the supervisor creates
 empty at start (``vod-bridge-metrics-*`` under ``$TMPDIR``) and removes at exit, so that one ``/metrics`` scrape,
@@ -75,6 +76,9 @@ def run_workers(settings: Settings, env: Mapping[str, str]) -> int:
 
 
 def _supervise(settings: Settings, env: Mapping[str, str], metrics_dir: Path) -> int:
+    # An ignored signal stays ignored across exec: a SIGHUP cannot kill a worker that is still starting (it
+    # reloads once its app handles SIGHUP).
+    previous_sighup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     children = [
         subprocess.Popen([sys.executable, "-m", "bridge", "serve"], env=worker_env(env, settings, i, metrics_dir))
         for i in range(settings.workers)
@@ -85,12 +89,13 @@ def _supervise(settings: Settings, env: Mapping[str, str], metrics_dir: Path) ->
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
-        stopping = True
+        stopping = stopping or signum != signal.SIGHUP
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous[signal.SIGHUP] = previous_sighup
     exit_code = 0
     try:
         while any(child.poll() is None for child in children):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import subprocess
 import sys
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Kafka, read_records, sample_event, selected_brokers
+from conftest import Kafka, read_records, sample_event, selected_brokers, wait_until
 from faultkit import AckHoldingBroker, BridgeProcess, bridge_env
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -173,6 +174,10 @@ async def test_two_workers_share_the_port_and_one_scrape_counts_them_all(
         assert settled["vod_bridge_spool_depth"] == 0
         # At rest, whichever worker answers, every scrape says the same.
         assert [await scrape(bridge.port) for _ in range(6)] == [settled] * 6
+        # SIGHUP reaches every worker (a TLS certificate reload; without TLS only a log line) and stops none.
+        assert bridge.process is not None
+        bridge.process.send_signal(signal.SIGHUP)
+        await wait_until(lambda: bridge.logfile.read_text().count("SIGHUP: no TLS certificate") == 2, timeout_s=10)
     finally:
         assert await bridge.stop() == 0
     assert list((tmp_path / "tmp").iterdir()) == [], "the metrics directory is removed at exit"
