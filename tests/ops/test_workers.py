@@ -128,6 +128,28 @@ def received_by_worker(metrics_dir: Path) -> list[float]:
     ]
 
 
+def ready_by_worker(metrics_dir: Path) -> list[float]:
+    """Each started worker's own ``vod_bridge_ready``, from its gauge file (refreshed every second)."""
+    return [
+        sum(s.value for m in MultiProcessCollector.merge([str(f)]) for s in m.samples if s.name == "vod_bridge_ready")
+        for f in sorted(metrics_dir.glob("gauge_livemin_*.db"))
+    ]
+
+
+async def wait_workers_ready(tmp_dir: Path, count: int) -> Path:
+    """Wait until ``count`` workers each say they are ready (so each listens: /readyz on the shared port may be
+    answered by the first one alone); returns the workers' metrics directory."""
+
+    found: list[Path] = []
+
+    def all_ready() -> bool:
+        found[:] = tmp_dir.glob("vod-bridge-metrics-*")
+        return len(found) == 1 and ready_by_worker(found[0]).count(1.0) == count
+
+    await wait_until(all_ready, timeout_s=20)
+    return found[0]
+
+
 @pytest.mark.integration
 async def test_two_workers_share_the_port_and_one_scrape_counts_them_all(
     kafka: Kafka, topic: str, tmp_path: Path
@@ -145,6 +167,7 @@ async def test_two_workers_share_the_port_and_one_scrape_counts_them_all(
     bridge = BridgeProcess(env, tmp_path / "bridge.log")
     await bridge.start()
     try:
+        metrics_dir = await wait_workers_ready(tmp_path / "tmp", 2)
         keys = [f"w-{i}" for i in range(60)]
         # One connection per request, so the kernel spreads them over both listening processes.
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
@@ -157,7 +180,6 @@ async def test_two_workers_share_the_port_and_one_scrape_counts_them_all(
         records = await read_records(kafka.bootstrap_servers, topic, count=len(keys))
         assert sorted(r.key.decode() for r in records) == sorted(keys)
 
-        (metrics_dir,) = (tmp_path / "tmp").glob("vod-bridge-metrics-*")
         per_worker = received_by_worker(metrics_dir)
         assert len(per_worker) == 2 and all(per_worker) and sum(per_worker) == len(keys), per_worker
         # The gauges of the worker not answering are refreshed every second: wait for in-flight to settle at 0
@@ -210,7 +232,7 @@ async def test_publishes_in_flight_on_every_worker_add_up_in_one_scrape(topic: s
         bridge = BridgeProcess(env, tmp_path / "bridge.log")
         await bridge.start()
         try:
-            (metrics_dir,) = (tmp_path / "tmp").glob("vod-bridge-metrics-*")
+            metrics_dir = await wait_workers_ready(tmp_path / "tmp", 2)
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
 
                 async def post(key: str) -> int:
