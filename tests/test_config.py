@@ -154,7 +154,8 @@ def test_sub_app_ids_give_one_loop_each_in_order() -> None:
         ({"BRIDGE_VOD_SUB_APP_IDS": "+1500001"}, "BRIDGE_VOD_SUB_APP_IDS: '+1500001' is not a SubAppId"),
         ({"BRIDGE_VOD_SUB_APP_IDS": "01500001"}, "BRIDGE_VOD_SUB_APP_IDS: '01500001' is not a SubAppId"),
         ({"BRIDGE_VOD_SUB_APP_IDS": "1500001 1500002"}, "BRIDGE_VOD_SUB_APP_IDS: '1500001 1500002' is not"),
-        ({"BRIDGE_VOD_SUB_APP_IDS": "١٥٠٠٠٠١"}, "is not a SubAppId"),  # Arabic-Indic digits: int() takes them
+        # Arabic-Indic digits, which int() would take.
+        ({"BRIDGE_VOD_SUB_APP_IDS": "\u0661\u0665\u0660\u0660\u0660\u0660\u0661"}, "is not a SubAppId"),
         ({"BRIDGE_VOD_SUB_APP_IDS": "1" * 19}, "is not a SubAppId"),
         ({"BRIDGE_VOD_SUB_APP_ID": "0"}, "BRIDGE_VOD_SUB_APP_ID: '0' is not a SubAppId"),
         ({"BRIDGE_VOD_SUB_APP_ID": "-7"}, "BRIDGE_VOD_SUB_APP_ID: '-7' is not a SubAppId"),
@@ -169,7 +170,7 @@ def test_sub_app_ids_are_refused_clearly(env: dict[str, str], message: str) -> N
 
 def test_a_token_of_digits_only_is_refused_since_it_would_read_as_a_sub_app_id() -> None:
     digits = "1234567890123456"
-    with pytest.raises(ConfigError, match="BRIDGE_CALLBACK_TOKEN: .*not only digits") as info:
+    with pytest.raises(ConfigError, match=r"BRIDGE_CALLBACK_TOKEN: .*not only digits") as info:
         load_settings({"BRIDGE_CALLBACK_TOKEN": digits})
     assert digits not in str(info.value)
     assert load_settings({"BRIDGE_CALLBACK_TOKEN": digits + "x"}).http.token == digits + "x"
