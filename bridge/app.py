@@ -9,7 +9,7 @@ import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from bridge.ops.logs import RedactingAccessLogger
 from bridge.ops.metrics import GAUGE_REFRESH_INTERVAL_S, Metrics
 from bridge.ops.tracing import make_tracer
 from bridge.sources.access import SourceFilter
-from bridge.sources.callback import CallbackReceiver
+from bridge.sources.callback import CallbackReceiver, callback_paths
 from bridge.sources.http import error_middleware
 from bridge.sources.poller import Poller
 from bridge.sources.tls import ServerTls
@@ -51,7 +51,8 @@ class Components:
     delivery: Delivery
     #: Set once the spool is open (start-up), when ``BRIDGE_SPOOL_DIR`` is set.
     forwarder: SpoolForwarder | None = None
-    poller: Poller | None = None
+    #: One PullEvents loop per configured VOD application (``BRIDGE_VOD_SUB_APP_IDS``), when the poller is on.
+    pollers: list[Poller] = field(default_factory=list)
     #: The server's TLS context and its certificate files, when ``BRIDGE_HTTP_TLS_CERT_FILE`` is set.
     tls: ServerTls | None = None
     #: Loop time by which the poller and the forwarder must have finished, set when shutdown begins: they
@@ -137,9 +138,7 @@ def create_app(
     if settings.callback_enabled:
         source_filter = SourceFilter(parse_networks(http.allowed_cidrs), parse_networks(http.trusted_proxies))
         receiver = CallbackReceiver(delivery, http, metrics, tracer, source_filter=source_filter)
-        app.router.add_post(http.callback_path, receiver.handle, expect_handler=receiver.expect_continue)
-        if http.token is not None:
-            path = http.callback_path.rstrip("/") + "/{token}"
+        for path in callback_paths(http.callback_path, with_token=http.token is not None):
             app.router.add_post(path, receiver.handle, expect_handler=receiver.expect_continue)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -198,29 +197,42 @@ def _poller_ctx(
     c: Components, credentials: Credentials, tracer: Any, on_fatal: FatalHandler
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def vod_poller(app: web.Application) -> AsyncIterator[None]:
-        settings = c.settings
-        # The one HTTP client session of the process, reused by every VOD API call.
-        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.poller.request_timeout_s))
-        client = VodClient(
-            session,
-            credentials,
-            endpoint=settings.poller.endpoint,
-            region=settings.poller.region,
-            sub_app_id=settings.poller.sub_app_id,
-            request_timeout_s=settings.poller.request_timeout_s,
-        )
+        settings = c.settings.poller
+        # The one HTTP client session of the process, reused by every VOD API call of every loop.
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.request_timeout_s))
         sink = c.sink
-        poller = Poller(client, c.delivery, settings.poller, c.metrics, ready=lambda: sink.ready, tracer=tracer)
-        c.poller = poller
-        task = asyncio.create_task(poller.run(), name="vod-poller")
-        task.add_done_callback(lambda task: _report_failure(task, on_fatal))
+        tasks: list[tuple[asyncio.Task[None], str]] = []
+        # One loop per VOD application, each with its own client: what a loop pulls, it confirms under the same
+        # SubAppId. A loop's API errors only back it off; an unexpected crash is fatal, as for a single loop.
+        for sub_app_id in settings.loop_sub_app_ids():
+            client = VodClient(
+                session,
+                credentials,
+                endpoint=settings.endpoint,
+                region=settings.region,
+                sub_app_id=sub_app_id,
+                request_timeout_s=settings.request_timeout_s,
+            )
+            poller = Poller(client, c.delivery, settings, c.metrics, ready=lambda: sink.ready, tracer=tracer)
+            c.pollers.append(poller)
+            name = "vod-poller" if sub_app_id is None else f"vod-poller-{sub_app_id}"
+            task = asyncio.create_task(poller.run(), name=name)
+            task.add_done_callback(lambda task: _report_failure(task, on_fatal))
+            tasks.append((task, name))
         yield
-        poller.stop()
+        for poller in c.pollers:
+            poller.stop()
         try:
-            # The current batch is published and confirmed before the producer closes (it closes after us).
-            await _finish(task, "poller", c.time_left_s())
+            # Each loop's current batch is published and confirmed before the producer closes (it closes after
+            # us); the loops drain side by side, all within the one shutdown deadline, and the session stays open
+            # until the last of them is done, even when another one failed.
+            results = await asyncio.gather(
+                *(_finish(task, name, c.time_left_s()) for task, name in tasks), return_exceptions=True
+            )
         finally:
             await session.close()
+        if failure := next((r for r in results if isinstance(r, BaseException)), None):
+            raise failure
 
     return vod_poller
 
@@ -303,8 +315,8 @@ async def _stop_background(app: web.Application) -> None:
     c.shutdown_deadline = asyncio.get_running_loop().time() + c.settings.http.shutdown_timeout_s
     if c.forwarder is not None:
         c.forwarder.stop()
-    if c.poller is not None:
-        c.poller.stop()
+    for poller in c.pollers:
+        poller.stop()
 
 
 def _report_failure(task: asyncio.Task[None], on_fatal: FatalHandler) -> None:

@@ -28,6 +28,11 @@ InvalidPolicy = Literal["dead-letter", "reject"]
 
 _MASK: Final = "'***'"
 
+#: A VOD SubAppId as configured and as accepted in a callback path: a positive decimal integer without leading
+#: zeros, at most 18 digits (below 2**63). Real ones are ten digits (``1500012345``).
+SUB_APP_ID_PATTERN: Final = "[1-9][0-9]{0,17}"
+_SUB_APP_ID_RE: Final = re.compile(SUB_APP_ID_PATTERN)
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -125,7 +130,10 @@ class PollerSettings(msgspec.Struct, frozen=True, kw_only=True):
     enabled: bool = False
     endpoint: str = "https://vod.tencentcloudapi.com"
     region: str | None = None
+    #: One VOD application (``SubAppId``); unset: the account's default application.
     sub_app_id: int | None = None
+    #: Several VOD applications, one poller loop each; exclusive with ``sub_app_id``.
+    sub_app_ids: list[int] = []
     #: PullEvents long-polls up to ~5 s server-side; Tencent recommends a 10 s client timeout.
     request_timeout_s: float = 10.0
     #: Pause after an empty PullEvents answer that did not long-poll, to stay well inside API rate limits.
@@ -137,6 +145,10 @@ class PollerSettings(msgspec.Struct, frozen=True, kw_only=True):
     confirm_warn_after_s: float = 20.0
     #: Pipelining: pulled batches being published/confirmed while the next PullEvents runs.
     max_batches_in_flight: int = 2
+
+    def loop_sub_app_ids(self) -> tuple[int | None, ...]:
+        """The SubAppId of each poller loop, in configured order; ``(None,)`` is one loop on the default app."""
+        return tuple(self.sub_app_ids) or (self.sub_app_id,)
 
 
 class DeliverySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -284,7 +296,7 @@ ENV_VARS: Final = (
     EnvVar(
         "BRIDGE_CALLBACK_TOKEN",
         "http.token",
-        "secret required as `?token=...` or `/vod/callback/<token>` (at least 16 characters)",
+        "secret required as `?token=...` or `/vod/callback/<token>` (at least 16 characters, not only digits)",
         secret=True,
     ),
     EnvVar(
@@ -351,6 +363,11 @@ ENV_VARS: Final = (
         "poller.sub_app_id",
         "VOD application (`SubAppId`); required for accounts opened since 2023-12-25 outside the default app",
     ),
+    EnvVar(
+        "BRIDGE_VOD_SUB_APP_IDS",
+        "poller.sub_app_ids",
+        "several VOD applications, e.g. `1500001,1500002`: one poller loop each; not with `BRIDGE_VOD_SUB_APP_ID`",
+    ),
     EnvVar("BRIDGE_VOD_REQUEST_TIMEOUT_S", "poller.request_timeout_s", "per API call; PullEvents long-polls ~5 s"),
     EnvVar(
         "BRIDGE_PULL_IDLE_INTERVAL_S",
@@ -398,6 +415,7 @@ _BY_PATH: Final = {var.path: var for var in ENV_VARS}
 _LIST_PATHS: Final = frozenset({"http.allowed_cidrs", "http.trusted_proxies"})
 _ROUTE_RE: Final = re.compile(r"^[A-Za-z0-9]+=[A-Za-z0-9._-]{1,249}$")
 _TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_DIGITS_RE: Final = re.compile("[0-9]+")
 
 
 def _show(default: object) -> str:
@@ -419,6 +437,10 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str] | Non
         value: object = raw
         if var.path == "kafka.topic_routes":
             value = _parse_routes(raw)
+        elif var.path == "poller.sub_app_id":
+            value = _parse_sub_app_id(var.name, raw)
+        elif var.path == "poller.sub_app_ids":
+            value = _parse_sub_app_ids(raw)
         elif var.path in _LIST_PATHS:
             value = [item.strip() for item in raw.split(",") if item.strip()]
         section, _, field = var.path.rpartition(".")
@@ -462,6 +484,23 @@ def _parse_routes(raw: str) -> dict[str, str]:
         event_type, topic = item.split("=", 1)
         routes[event_type] = topic
     return routes
+
+
+def _parse_sub_app_id(name: str, raw: str) -> int:
+    # Stricter than int(): no sign, no leading zero, no non-ASCII digits, so the value reads the same everywhere.
+    if not _SUB_APP_ID_RE.fullmatch(raw):
+        raise ConfigError(f"{name}: {raw[:40]!r} is not a SubAppId (a positive decimal integer)")
+    return int(raw)
+
+
+def _parse_sub_app_ids(raw: str) -> list[int]:
+    sub_app_ids: list[int] = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        sub_app_id = _parse_sub_app_id("BRIDGE_VOD_SUB_APP_IDS", item)
+        if sub_app_id in sub_app_ids:
+            raise ConfigError(f"BRIDGE_VOD_SUB_APP_IDS: {sub_app_id} is listed twice")
+        sub_app_ids.append(sub_app_id)
+    return sub_app_ids
 
 
 def _explain(exc: msgspec.ValidationError) -> str:
@@ -526,6 +565,10 @@ def _validate(settings: Settings) -> None:
         ),
         (poller.request_timeout_s > 0, "BRIDGE_VOD_REQUEST_TIMEOUT_S: must be > 0"),
         (
+            poller.sub_app_id is None or not poller.sub_app_ids,
+            "BRIDGE_VOD_SUB_APP_ID and BRIDGE_VOD_SUB_APP_IDS: set one of them, not both",
+        ),
+        (
             bool(_TOPIC_RE.match(settings.delivery.dead_letter_topic)),
             "BRIDGE_KAFKA_DEAD_LETTER_TOPIC: not a valid topic",
         ),
@@ -548,8 +591,10 @@ def _validate(settings: Settings) -> None:
             "BRIDGE_CALLBACK_SIGN_KEY: VOD sign keys are letters and digits",
         ),
         (
-            http.token is None or (len(http.token) >= 16 and "/" not in http.token),
-            "BRIDGE_CALLBACK_TOKEN: use at least 16 characters, without '/'",
+            http.token is None
+            or (len(http.token) >= 16 and "/" not in http.token and not _DIGITS_RE.fullmatch(http.token)),
+            # Digits alone would read as a SubAppId in /vod/callback/<segment>.
+            "BRIDGE_CALLBACK_TOKEN: use at least 16 characters, without '/', not only digits",
         ),
         (settings.delivery.dedup_window_s >= 0, "BRIDGE_DEDUP_WINDOW_S: must be >= 0"),
         (settings.delivery.dedup_max_entries >= 1, "BRIDGE_DEDUP_MAX_ENTRIES: must be >= 1"),

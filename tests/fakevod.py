@@ -5,6 +5,10 @@ Tencent's "Signature v3" documentation (it does not import ``bridge.vodapi``), a
 callback queue: events pulled become invisible for ``visibility_timeout_s``; an event whose handle was not
 confirmed in time is handed out again with a new handle (at-least-once).
 
+One queue per VOD application: an event added with ``sub_app_id=X`` is handed out only to a PullEvents carrying
+``SubAppId: X`` (``None``: a request without SubAppId, the default application), and its handle is confirmed
+only by a ConfirmEvents carrying the same SubAppId; under another one it is refused like an unknown handle.
+
 Usage::
 
     async with FakeVod(secret_id="AKID...", secret_key="...") as vod:
@@ -29,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["FakeVod", "RecordedRequest", "SignatureRejected", "verify_tc3_signature"]
+__all__ = ["ConfirmedHandle", "FakeVod", "RecordedRequest", "SignatureRejected", "verify_tc3_signature"]
 
 API_VERSION = "2018-07-17"
 SERVICE = "vod"
@@ -126,8 +130,21 @@ def verify_tc3_signature(
 class _Event:
     event_id: str
     content: dict[str, Any]
+    sub_app_id: int | None = None
     invisible_until: float = 0.0
     handle: str | None = None
+
+
+@dataclass(frozen=True)
+class ConfirmedHandle:
+    """One handle of one ConfirmEvents call that reached the queue, whatever became of it."""
+
+    handle: str
+    #: The ``SubAppId`` of the ConfirmEvents call (None: not sent).
+    sub_app_id: int | None
+    #: The ``SubAppId`` of the PullEvents that handed the handle out (None also for an unknown handle).
+    pulled_under: int | None
+    accepted: bool
 
 
 @dataclass
@@ -158,8 +175,9 @@ class FakeVod:
     Observable state: ``pulls`` (PullEvents calls that were answered with an ``EventSet``), ``pulls_received``
     (PullEvents calls that reached the queue, answered or still held; :meth:`wait_for_pulls`), ``deliveries``
     (``event_id`` -> times handed out), ``confirmed`` (``(handle, event_id, monotonic time)``),
-    ``rejected_confirms`` (handles that were expired, unknown or already used), ``requests``
-    (:class:`RecordedRequest` for every signed request) and ``last_authorization``.
+    ``rejected_confirms`` (handles that were expired, unknown, already used or sent under another SubAppId),
+    ``confirm_log`` (:class:`ConfirmedHandle` for every handle of every ConfirmEvents that reached the queue),
+    ``requests`` (:class:`RecordedRequest` for every signed request) and ``last_authorization``.
 
     ``DescribeEventConfig`` answers ``event_mode`` (``PULL`` or ``PUSH``). With ``sub_app_ids`` set, a call of any
     action whose ``SubAppId`` is not one of them is answered ``InvalidParameterValue.SubAppId``.
@@ -209,12 +227,15 @@ class FakeVod:
         self.deliveries: dict[str, int] = {}
         self.confirmed: list[tuple[str, str, float]] = []
         self.rejected_confirms: list[str] = []
+        self.confirm_log: list[ConfirmedHandle] = []
         self.requests: list[RecordedRequest] = []
         self.last_authorization: str | None = None
 
         self._events: dict[str, _Event] = {}
         self._handles: dict[str, tuple[str, float]] = {}  # handle -> (event_id, expires_at)
+        self._handed_out_under: dict[str, int | None] = {}  # handle -> SubAppId of its PullEvents
         self._faults: list[_Fault] = []
+        self._refused_sub_apps: dict[int | None, str] = {}
         self._ids = itertools.count(1)
         self._wakeup = asyncio.Event()
         self._pull_arrived = asyncio.Event()
@@ -246,11 +267,12 @@ class FakeVod:
 
     # -- test controls ---------------------------------------------------------------------------------------
 
-    def add_event(self, event: dict[str, Any]) -> str:
-        """Queue an ``EventContent`` (without ``EventHandle``); return its id. Wakes long polls."""
+    def add_event(self, event: dict[str, Any], *, sub_app_id: int | None = None) -> str:
+        """Queue an ``EventContent`` (without ``EventHandle``) in the queue of VOD application ``sub_app_id``
+        (None: the default application); return its id. Wakes long polls."""
         event_id = f"evt-{next(self._ids)}"
         content = {k: v for k, v in event.items() if k != "EventHandle"}
-        self._events[event_id] = _Event(event_id, content)
+        self._events[event_id] = _Event(event_id, content, sub_app_id)
         self.deliveries.setdefault(event_id, 0)
         self._wake()
         return event_id
@@ -266,14 +288,23 @@ class FakeVod:
         """Leave the next ``n`` signed API calls (of ``action`` only, if given) unanswered until the fake closes."""
         self._faults.extend(_Fault("", "", hang=True, action=action) for _ in range(n))
 
+    def refuse_sub_app(self, sub_app_id: int | None, code: str = "UnauthorizedOperation") -> None:
+        """Answer every signed API call carrying ``SubAppId: sub_app_id`` with ``code`` from now on (a key without
+        permission on that application)."""
+        self._refused_sub_apps[sub_app_id] = code
+
     def fail_next_http(self, n: int, status: int = 502, body: bytes = b"<html>bad gateway</html>") -> None:
         """Answer the next ``n`` requests with raw HTTP ``status``/``body`` (200 + junk = unparseable)."""
         self._faults.extend(_Fault("", "", http_status=status, raw_body=body) for _ in range(n))
 
     @property
     def pending_ids(self) -> list[str]:
-        """Ids of events not confirmed yet (visible or in flight)."""
+        """Ids of events not confirmed yet (visible or in flight), of every application."""
         return list(self._events)
+
+    def pending_for(self, sub_app_id: int | None) -> list[str]:
+        """Ids of the events of VOD application ``sub_app_id`` not confirmed yet."""
+        return [e.event_id for e in self._events.values() if e.sub_app_id == sub_app_id]
 
     async def wait_for_pulls(self, count: int, *, timeout_s: float = 10.0) -> None:
         """Return once ``pulls_received >= count``: that many PullEvents calls reached the queue (the last may
@@ -347,8 +378,11 @@ class FakeVod:
             return self._answer(
                 action, params, headers, self._error("InvalidParameterValue.SubAppId", "The SubAppId does not exist.")
             )
+        refused = self._refused_sub_apps.get(params.get("SubAppId"))
+        if refused is not None:
+            return self._answer(action, params, headers, self._error(refused, "No permission on this SubAppId."))
         if action == "PullEvents":
-            payload = await self._pull_events()
+            payload = await self._pull_events(params.get("SubAppId"))
         elif action == "ConfirmEvents":
             payload = self._confirm_events(params)
         elif action == "DescribeEventConfig":
@@ -358,26 +392,26 @@ class FakeVod:
             payload = self._error("InvalidAction", "The action does not exist.")
         return self._answer(action, params, headers, payload)
 
-    def _visible(self, now: float) -> list[_Event]:
-        return [e for e in self._events.values() if e.invisible_until <= now]
+    def _visible(self, now: float, sub_app_id: int | None) -> list[_Event]:
+        return [e for e in self._events.values() if e.invisible_until <= now and e.sub_app_id == sub_app_id]
 
-    async def _pull_events(self) -> dict[str, Any]:
+    async def _pull_events(self, sub_app_id: int | None) -> dict[str, Any]:
         self.pulls_received += 1
         self._pull_arrived.set()
         self._pull_arrived = asyncio.Event()
         deadline = self._clock() + self.pull_delay_s
-        visible = self._visible(self._clock())
+        visible = self._visible(self._clock(), sub_app_id)
         while not visible and not self._closing:
             now = self._clock()
             if now >= deadline:
                 break
             wait = deadline - now
-            in_flight = [e.invisible_until for e in self._events.values()]
+            in_flight = [e.invisible_until for e in self._events.values() if e.sub_app_id == sub_app_id]
             if in_flight:
                 wait = min(wait, max(0.0, min(in_flight) - now))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
-            visible = self._visible(self._clock())
+            visible = self._visible(self._clock(), sub_app_id)
 
         now = self._clock()
         event_set = []
@@ -386,6 +420,7 @@ class FakeVod:
             event.handle = handle
             event.invisible_until = now + self.visibility_timeout_s
             self._handles[handle] = (event.event_id, event.invisible_until)
+            self._handed_out_under[handle] = sub_app_id
             self.deliveries[event.event_id] = self.deliveries.get(event.event_id, 0) + 1
             event_set.append({"EventHandle": handle, **event.content})
         if self.answer_delay_s > 0 and not self._closing:
@@ -402,15 +437,24 @@ class FakeVod:
         if len(handles) > MAX_CONFIRM_HANDLES:
             return self._error("InvalidParameterValue", f"EventHandles accepts at most {MAX_CONFIRM_HANDLES}.")
         now = self._clock()
+        sub_app_id = params.get("SubAppId")
         rejected = []
         for handle in handles:
+            pulled_under = self._handed_out_under.get(handle)
+            if pulled_under != sub_app_id:
+                # Another application's queue does not know this handle (and keeps it for its own confirm).
+                self.confirm_log.append(ConfirmedHandle(handle, sub_app_id, pulled_under, accepted=False))
+                rejected.append(handle)
+                continue
             event_id, expires_at = self._handles.pop(handle, ("", 0.0))
             event = self._events.get(event_id)
             if event is None or now >= expires_at or event.handle != handle:
+                self.confirm_log.append(ConfirmedHandle(handle, sub_app_id, pulled_under, accepted=False))
                 rejected.append(handle)
                 continue
             del self._events[event_id]
             self.confirmed.append((handle, event_id, now))
+            self.confirm_log.append(ConfirmedHandle(handle, sub_app_id, pulled_under, accepted=True))
         self.rejected_confirms.extend(rejected)
         if rejected and self.strict_confirms:
             return self._error("InvalidParameterValue", f"{len(rejected)} event handle(s) expired or do not exist.")

@@ -127,3 +127,50 @@ def test_readme_metrics_exist() -> None:
     exposed = set(re.findall(r"^# TYPE (\S+) ", Metrics().render().decode(), re.MULTILINE))
     missing = {name for name in documented if name not in exposed and name.removesuffix("_total") not in exposed}
     assert documented and not missing
+
+
+# ---- VOD applications (SubAppId): one poller loop each ----------------------------------------------------------
+
+
+def test_sub_app_ids_give_one_loop_each_in_order() -> None:
+    several = load_settings({"BRIDGE_VOD_SUB_APP_IDS": " 1500002, 1500001 ,"}).poller
+    assert several.sub_app_ids == [1500002, 1500001]
+    assert several.loop_sub_app_ids() == (1500002, 1500001)
+    assert load_settings({"BRIDGE_VOD_SUB_APP_ID": "1500003"}).poller.loop_sub_app_ids() == (1500003,)
+    assert load_settings({}).poller.loop_sub_app_ids() == (None,), "no SubAppId: one loop on the default app"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"BRIDGE_VOD_SUB_APP_ID": "1500001", "BRIDGE_VOD_SUB_APP_IDS": "1500001,1500002"},
+            "BRIDGE_VOD_SUB_APP_ID and BRIDGE_VOD_SUB_APP_IDS: set one of them, not both",
+        ),
+        ({"BRIDGE_VOD_SUB_APP_IDS": "1500001,1500002,1500001"}, "BRIDGE_VOD_SUB_APP_IDS: 1500001 is listed twice"),
+        ({"BRIDGE_VOD_SUB_APP_IDS": "1500001,abc"}, "BRIDGE_VOD_SUB_APP_IDS: 'abc' is not a SubAppId"),
+        ({"BRIDGE_VOD_SUB_APP_IDS": "0"}, "BRIDGE_VOD_SUB_APP_IDS: '0' is not a SubAppId"),
+        ({"BRIDGE_VOD_SUB_APP_IDS": "-1500001"}, "BRIDGE_VOD_SUB_APP_IDS: '-1500001' is not a SubAppId"),
+        ({"BRIDGE_VOD_SUB_APP_IDS": "+1500001"}, "BRIDGE_VOD_SUB_APP_IDS: '+1500001' is not a SubAppId"),
+        ({"BRIDGE_VOD_SUB_APP_IDS": "01500001"}, "BRIDGE_VOD_SUB_APP_IDS: '01500001' is not a SubAppId"),
+        ({"BRIDGE_VOD_SUB_APP_IDS": "1500001 1500002"}, "BRIDGE_VOD_SUB_APP_IDS: '1500001 1500002' is not"),
+        # Arabic-Indic digits, which int() would take.
+        ({"BRIDGE_VOD_SUB_APP_IDS": "\u0661\u0665\u0660\u0660\u0660\u0660\u0661"}, "is not a SubAppId"),
+        ({"BRIDGE_VOD_SUB_APP_IDS": "1" * 19}, "is not a SubAppId"),
+        ({"BRIDGE_VOD_SUB_APP_ID": "0"}, "BRIDGE_VOD_SUB_APP_ID: '0' is not a SubAppId"),
+        ({"BRIDGE_VOD_SUB_APP_ID": "-7"}, "BRIDGE_VOD_SUB_APP_ID: '-7' is not a SubAppId"),
+        ({"BRIDGE_VOD_SUB_APP_ID": "01500001"}, "BRIDGE_VOD_SUB_APP_ID: '01500001' is not a SubAppId"),
+    ],
+)
+def test_sub_app_ids_are_refused_clearly(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert message in info.value.message
+
+
+def test_a_token_of_digits_only_is_refused_since_it_would_read_as_a_sub_app_id() -> None:
+    digits = "1234567890123456"
+    with pytest.raises(ConfigError, match=r"BRIDGE_CALLBACK_TOKEN: .*not only digits") as info:
+        load_settings({"BRIDGE_CALLBACK_TOKEN": digits})
+    assert digits not in str(info.value)
+    assert load_settings({"BRIDGE_CALLBACK_TOKEN": digits + "x"}).http.token == digits + "x"

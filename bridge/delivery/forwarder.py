@@ -24,6 +24,7 @@ import msgspec
 from bridge.backoff import Backoff
 from bridge.delivery.records import (
     ERROR_REASON,
+    SUB_APP_ID,
     Headers,
     Source,
     dead_letter_headers,
@@ -72,6 +73,10 @@ def _source(stored: SpooledEvent) -> Source:
     return "pull" if stored.source == "pull" else "callback"
 
 
+def _sub_app_of(stored: SpooledEvent) -> bytes | None:
+    return next((value for name, value in stored.headers or () if name == SUB_APP_ID), None)
+
+
 class SpoolForwarder:
     """Owns the spool: :meth:`store` returns once a record is on disk; :meth:`run` forwards it to Kafka."""
 
@@ -100,20 +105,24 @@ class SpoolForwarder:
         """Records stored but not yet acknowledged by Kafka."""
         return self._spool.depth
 
-    async def store(self, event: VodEvent, *, source: Source, received_at: datetime) -> int:
+    async def store(
+        self, event: VodEvent, *, source: Source, received_at: datetime, sub_app_id: int | None = None
+    ) -> int:
         """Append an event durably (fsync'ed) and return its sequence number.
 
         Raises :class:`PublishFailed` (503) when the spool is full or unusable.
         """
-        headers = event_headers(event, source=source, received_at=received_at)
+        headers = event_headers(event, source=source, received_at=received_at, sub_app_id=sub_app_id)
         stored = SpooledEvent(
             1, event.event_type, event.key, event.value, source, received_at, event.event_handle, headers
         )
         return await self._append(stored, source)
 
-    async def store_dead_letter(self, item: Undecodable, *, source: Source, received_at: datetime, topic: str) -> int:
+    async def store_dead_letter(
+        self, item: Undecodable, *, source: Source, received_at: datetime, topic: str, sub_app_id: int | None = None
+    ) -> int:
         """Append a body without a usable key, for the dead-letter topic; like :meth:`store`."""
-        headers = undecodable_headers(item, source=source, received_at=received_at)
+        headers = undecodable_headers(item, source=source, received_at=received_at, sub_app_id=sub_app_id)
         stored = SpooledEvent(
             1,
             item.event_type or "",
@@ -231,6 +240,8 @@ class SpoolForwarder:
             error=error,
             event_type=None if stored is None else stored.event_type or None,
             event_handle=None if stored is None else stored.event_handle,
+            # Kept as stored (already decimal text), so the dead letter still names its VOD application.
+            extra=[(SUB_APP_ID, sub_app)] if stored is not None and (sub_app := _sub_app_of(stored)) else [],
         )
         try:
             await self._sink.send(self._dead_letter_topic, None, value, headers)

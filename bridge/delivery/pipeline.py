@@ -86,10 +86,12 @@ class Spool(Protocol):
     @property
     def depth(self) -> int: ...
 
-    async def store(self, event: VodEvent, *, source: Source, received_at: datetime) -> int: ...
+    async def store(
+        self, event: VodEvent, *, source: Source, received_at: datetime, sub_app_id: int | None = None
+    ) -> int: ...
 
     async def store_dead_letter(
-        self, item: Undecodable, *, source: Source, received_at: datetime, topic: str
+        self, item: Undecodable, *, source: Source, received_at: datetime, topic: str, sub_app_id: int | None = None
     ) -> int: ...
 
 
@@ -135,11 +137,16 @@ class Delivery:
         *,
         source: Source,
         received_at: datetime,
+        sub_app_id: int | None = None,
         trace_headers: Sequence[tuple[str, bytes]] = (),
     ) -> Outcome:
-        """Deliver one decoded body. Never raises for a delivery problem: failures are a :class:`Failed`."""
+        """Deliver one decoded body. Never raises for a delivery problem: failures are a :class:`Failed`.
+
+        ``sub_app_id`` is the VOD application the source got it from (header ``vod-sub-app-id``), if it knows one.
+        De-duplication ignores it: a copy of one event from the callback and from the poller is still a repeat.
+        """
         if isinstance(item, Undecodable):
-            return await self._deliver_undecodable(item, source, received_at, trace_headers)
+            return await self._deliver_undecodable(item, source, received_at, sub_app_id, trace_headers)
         metrics = self._metrics
         metrics.count_received(source, item.event_type)
         for fallback in item.fallbacks:
@@ -151,13 +158,18 @@ class Delivery:
             if earlier is not None and (earlier.in_kafka or source == "callback"):
                 metrics.duplicates.labels(source).inc()
                 return Duplicate()
-        outcome = await self._publish_or_spool(item, source, received_at, trace_headers)
+        outcome = await self._publish_or_spool(item, source, received_at, sub_app_id, trace_headers)
         if dedup is not None and isinstance(outcome, Published | Spooled):
             dedup.record(item, in_kafka=isinstance(outcome, Published))
         return outcome
 
     async def _publish_or_spool(
-        self, event: VodEvent, source: Source, received_at: datetime, trace_headers: Sequence[tuple[str, bytes]]
+        self,
+        event: VodEvent,
+        source: Source,
+        received_at: datetime,
+        sub_app_id: int | None,
+        trace_headers: Sequence[tuple[str, bytes]],
     ) -> Outcome:
         """An event to its topic, or to the spool."""
         result = await self._send_or_spool(
@@ -165,8 +177,10 @@ class Delivery:
             self._topic_for(event.event_type),
             key=event.key.encode(),
             value=event.value,
-            headers=event_headers(event, source=source, received_at=received_at, extra=trace_headers),
-            store=lambda spool: spool.store(event, source=source, received_at=received_at),
+            headers=event_headers(
+                event, source=source, received_at=received_at, sub_app_id=sub_app_id, extra=trace_headers
+            ),
+            store=lambda spool: spool.store(event, source=source, received_at=received_at, sub_app_id=sub_app_id),
             event_type=event.event_type,
             log_key=event.key,
         )
@@ -176,7 +190,12 @@ class Delivery:
         return Published(result.topic, result.partition, result.offset)
 
     async def _deliver_undecodable(
-        self, item: Undecodable, source: Source, received_at: datetime, trace_headers: Sequence[tuple[str, bytes]]
+        self,
+        item: Undecodable,
+        source: Source,
+        received_at: datetime,
+        sub_app_id: int | None,
+        trace_headers: Sequence[tuple[str, bytes]],
     ) -> Outcome:
         """A body without a usable key to the dead-letter topic, or to the spool (or refused, by policy)."""
         metrics = self._metrics
@@ -190,9 +209,11 @@ class Delivery:
             dead_letter_topic,
             key=item.event_handle.encode() if item.event_handle is not None else None,
             value=item.value,
-            headers=undecodable_headers(item, source=source, received_at=received_at, extra=trace_headers),
+            headers=undecodable_headers(
+                item, source=source, received_at=received_at, sub_app_id=sub_app_id, extra=trace_headers
+            ),
             store=lambda spool: spool.store_dead_letter(
-                item, source=source, received_at=received_at, topic=dead_letter_topic
+                item, source=source, received_at=received_at, topic=dead_letter_topic, sub_app_id=sub_app_id
             ),
             event_type=item.event_type or "-",
             log_key="-",

@@ -21,6 +21,9 @@ RECEIVED_AT: Final = "received-at"
 CONTENT_TYPE: Final = "content-type"
 #: Only on records from the reliable (PullEvents) source.
 EVENT_HANDLE: Final = "event-handle"
+#: The VOD application (``SubAppId``, decimal) the event came from: the poller loop's SubAppId, or the one in the
+#: callback path (``<callback path>/<SubAppId>``). Absent when neither names one (the default application).
+SUB_APP_ID: Final = "vod-sub-app-id"
 #: ``eventcontent`` (the API 3.0 ``EventContent`` envelope) or ``legacy-v2`` (the v2.0 callback envelope).
 EVENT_FORMAT: Final = "event-format"
 #: Dead-letter records: a bounded reason label, and the human-readable error.
@@ -44,7 +47,12 @@ _EVENT_TYPE_HEADERS: Final = {name: (EVENT_TYPE, name.encode()) for name in EVEN
 
 
 def event_headers(
-    event: VodEvent, *, source: Source, received_at: datetime, extra: Sequence[tuple[str, bytes]] = ()
+    event: VodEvent,
+    *,
+    source: Source,
+    received_at: datetime,
+    sub_app_id: int | None = None,
+    extra: Sequence[tuple[str, bytes]] = (),
 ) -> Headers:
     """The headers of an event record on its main topic."""
     event_type = event.event_type
@@ -57,8 +65,15 @@ def event_headers(
     ]
     if event.event_handle is not None:
         headers.append((EVENT_HANDLE, event.event_handle.encode()))
+    if sub_app_id is not None:
+        headers.append(sub_app_id_header(sub_app_id))
     headers.extend(extra)
     return headers
+
+
+def sub_app_id_header(sub_app_id: int) -> tuple[str, bytes]:
+    """The ``vod-sub-app-id`` header of a record from VOD application ``sub_app_id``."""
+    return (SUB_APP_ID, str(sub_app_id).encode())
 
 
 def dead_letter_headers(
@@ -69,6 +84,7 @@ def dead_letter_headers(
     error: str,
     event_type: str | None = None,
     event_handle: str | None = None,
+    sub_app_id: int | None = None,
     extra: Sequence[tuple[str, bytes]] = (),
 ) -> Headers:
     """The headers of a dead-letter record: where and when it came from, and why it is not on the main topic."""
@@ -83,12 +99,19 @@ def dead_letter_headers(
         headers.append((EVENT_TYPE, event_type.encode()))
     if event_handle is not None:
         headers.append((EVENT_HANDLE, event_handle.encode()))
+    if sub_app_id is not None:
+        headers.append(sub_app_id_header(sub_app_id))
     headers.extend(extra)
     return headers
 
 
 def undecodable_headers(
-    item: Undecodable, *, source: Source, received_at: datetime, extra: Sequence[tuple[str, bytes]] = ()
+    item: Undecodable,
+    *,
+    source: Source,
+    received_at: datetime,
+    sub_app_id: int | None = None,
+    extra: Sequence[tuple[str, bytes]] = (),
 ) -> Headers:
     """The headers of the dead-letter record of a body without a usable key."""
     return dead_letter_headers(
@@ -98,6 +121,7 @@ def undecodable_headers(
         error=item.message,
         event_type=item.event_type,
         event_handle=item.event_handle,
+        sub_app_id=sub_app_id,
         extra=extra,
     )
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 import aiohttp
+import msgspec
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, for_code
@@ -140,7 +141,8 @@ async def run_checks(
             missing = CheckResult("vod api", "fail", "the poller needs TENCENTCLOUD_SECRET_ID and _SECRET_KEY")
             groups["vod api"] = lambda emit: _emit_one(emit, asyncio.sleep(0, missing))
         else:
-            groups["vod api"] = lambda emit: _emit_one(emit, check_vod_api(poller, credentials, timeout_s=timeout_s))
+            loops = [msgspec.structs.replace(poller, sub_app_id=s, sub_app_ids=[]) for s in poller.loop_sub_app_ids()]
+            groups["vod api"] = lambda emit: _vod_api_checks(loops, credentials, timeout_s, emit)
     if settings.spool.dir is not None:
         directories = spool_dirs(Path(settings.spool.dir), settings.workers)
         max_bytes = settings.spool.max_bytes
@@ -168,6 +170,14 @@ async def run_checks(
 
 async def _emit_one(emit: Callable[[CheckResult], None], check: Awaitable[CheckResult]) -> None:
     emit(await check)
+
+
+async def _vod_api_checks(
+    loops: list[PollerSettings], credentials: Credentials, timeout_s: float, emit: Callable[[CheckResult], None]
+) -> None:
+    # One check per poller loop (each SubAppId of BRIDGE_VOD_SUB_APP_IDS), side by side, in the configured order.
+    for result in await asyncio.gather(*(check_vod_api(loop, credentials, timeout_s=timeout_s) for loop in loops)):
+        emit(result)
 
 
 async def _bounded(name: str, timeout_s: float, check: Awaitable[CheckResult]) -> CheckResult:

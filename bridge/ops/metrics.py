@@ -76,10 +76,17 @@ class Metrics:
             ["source", "reason"],
             registry=r,
         )
-        self.pulls = Counter("vod_bridge_poller_pulls", "PullEvents calls, by outcome", ["outcome"], registry=r)
+        # ``sub_app_id``: the poller loop's SubAppId in decimal, "" for the default application. Bounded: the
+        # configured BRIDGE_VOD_SUB_APP_ID(S), never a value from a request.
+        self.pulls = Counter(
+            "vod_bridge_poller_pulls", "PullEvents calls, by outcome", ["outcome", "sub_app_id"], registry=r
+        )
         self.pulled_events = Counter("vod_bridge_poller_events_pulled", "Events returned by PullEvents", registry=r)
         self.confirmed_events = Counter(
-            "vod_bridge_poller_events_confirmed", "Event handles confirmed with ConfirmEvents", registry=r
+            "vod_bridge_poller_events_confirmed",
+            "Event handles confirmed with ConfirmEvents",
+            ["sub_app_id"],
+            registry=r,
         )
         self.confirm_errors = Counter(
             "vod_bridge_poller_confirm_errors", "Failed ConfirmEvents calls", ["code"], registry=r

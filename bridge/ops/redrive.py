@@ -314,8 +314,10 @@ def _plan(record: DeadLetter, topic_for: Callable[[str], str]) -> _Move | _Stay:
     if handle != event.event_handle:
         event = msgspec.structs.replace(event, event_handle=handle)
     origin = f"{record.topic}:{record.partition}:{record.offset}".encode()
+    # The VOD application is kept as the dead letter has it (decimal text); it is not part of the value.
+    sub_app = [(name, value) for name, value in record.headers if name == records.SUB_APP_ID][:1]
     headers = records.event_headers(
-        event, source=source, received_at=received_at, extra=[(records.REDRIVEN_FROM, origin)]
+        event, source=source, received_at=received_at, extra=[*sub_app, (records.REDRIVEN_FROM, origin)]
     )
     was = records.header(record.headers, records.ERROR_REASON) or "-"
     return _Move(record, topic_for(event.event_type), event.key.encode(), event.value, headers, was)

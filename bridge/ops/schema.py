@@ -7,7 +7,7 @@ fails when the committed files are stale. ``vod-bridge schema NAME`` prints one 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -21,6 +21,8 @@ HEADERS_SCHEMA_FILE: Final = "vod-event.headers.schema.json"
 KEYS_FILE: Final = "vod-event.keys.json"
 ASYNCAPI_FILE: Final = "asyncapi.json"
 _SCHEMA_FORMAT: Final = "application/schema+json;version=2020-12"
+#: A ``vod-sub-app-id`` header value: a SubAppId in decimal.
+_SUB_APP_ID_TEXT: Final = "^[1-9][0-9]*$"
 #: The names ``vod-bridge schema NAME`` takes, each for one file of ``schemas/``; the first is the default.
 SCHEMA_NAMES: Final = {
     "value": VALUE_SCHEMA_FILE,
@@ -48,6 +50,11 @@ class RecordHeaders(msgspec.Struct, kw_only=True):
     event_format: Literal["eventcontent", "legacy-v2"] = msgspec.field(name=records.EVENT_FORMAT)
     #: Only on records from the reliable (PullEvents) source.
     event_handle: str | None = msgspec.field(name=records.EVENT_HANDLE, default=None)
+    #: The VOD application (``SubAppId``, decimal digits): the poller loop's, or the one in the callback path; absent
+    #: when neither names one (the default application).
+    sub_app_id: Annotated[str, msgspec.Meta(pattern=_SUB_APP_ID_TEXT)] | None = msgspec.field(
+        name=records.SUB_APP_ID, default=None
+    )
     #: Only on records re-published by ``vod-bridge redrive``: ``<topic>:<partition>:<offset>`` of the dead letter.
     redriven_from: str | None = msgspec.field(name=records.REDRIVEN_FROM, default=None)
 
@@ -202,6 +209,11 @@ def asyncapi_document() -> dict[str, Any]:
                             records.ERROR: {"type": "string", "maxLength": records.MAX_ERROR_BYTES},
                             records.EVENT_TYPE: {"type": "string", "description": "when the body names one"},
                             records.EVENT_HANDLE: {"type": "string"},
+                            records.SUB_APP_ID: {
+                                "type": "string",
+                                "pattern": _SUB_APP_ID_TEXT,
+                                "description": "the VOD application (SubAppId), when known",
+                            },
                         },
                         "required": [records.SOURCE, records.RECEIVED_AT, records.ERROR_REASON, records.ERROR],
                     },

@@ -3,6 +3,12 @@
 200 only after the delivery acknowledged the record (Kafka, or the fsync'ed spool). Authentication comes first
 (allow-list and URL token before the body is read, Sign/T right after it is parsed), so a stranger's body is
 refused (401/403) and never reaches Kafka, not even the dead-letter topic.
+
+The paths (:func:`callback_paths`): ``<callback_path>``, ``<callback_path>/<SubAppId>`` and, with a token,
+``<callback_path>/<token>`` and ``<callback_path>/<SubAppId>/<token>``. A SubAppId segment is a positive decimal
+(``SUB_APP_ID_PATTERN``); tokens are never digits only (``bridge.config``), so no path reads both ways. The
+SubAppId of the path becomes the record's ``vod-sub-app-id`` header: VOD's bodies carry none (SDK
+``EventContent`` has no such field), so a VOD application is told apart by the ``NotificationUrl`` it was given.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from bridge.config import HttpSettings
+from bridge.config import SUB_APP_ID_PATTERN, HttpSettings
 from bridge.delivery.pipeline import DeadLettered, Delivery, Duplicate, Failed, Published, Refused, Spooled
 from bridge.errors import AuthFailed, BodyTimeout, Forbidden, InvalidPayload, PayloadTooLarge, UnsupportedEncoding
 from bridge.ops.logs import describe_parse_error
@@ -30,6 +36,24 @@ from bridge.vod.decode import read_event
 from bridge.vod.signing import verify_sign
 
 logger = logging.getLogger(__name__)
+
+#: ``match_info`` names of the path segments.
+_SUB_APP_ID = "sub_app_id"
+_TOKEN = "token"
+
+
+def callback_paths(callback_path: str, *, with_token: bool) -> list[str]:
+    """The aiohttp route paths the receiver answers, in the order they must be registered.
+
+    A path SubAppId is registered before the token segment so that a digits-only segment is always read as a
+    SubAppId; configuration refuses digits-only tokens, so no genuine token is ever taken for one.
+    """
+    base = callback_path.rstrip("/")
+    sub_app = f"{base}/{{{_SUB_APP_ID}:{SUB_APP_ID_PATTERN}}}"
+    paths = [callback_path, sub_app]
+    if with_token:
+        paths += [f"{base}/{{{_TOKEN}}}", f"{sub_app}/{{{_TOKEN}}}"]
+    return paths
 
 
 class CallbackReceiver:
@@ -88,8 +112,14 @@ class CallbackReceiver:
             self._reject(request, exc.code, exc.message)
             raise
         span.annotate(item)
+        sub_app_text = request.match_info.get(_SUB_APP_ID)
         outcome = await self._delivery.deliver(
-            item, source="callback", received_at=received_at, trace_headers=span.kafka_headers()
+            item,
+            source="callback",
+            received_at=received_at,
+            # The route admits only SUB_APP_ID_PATTERN, so this is a positive integer below 2**63.
+            sub_app_id=None if sub_app_text is None else int(sub_app_text),
+            trace_headers=span.kafka_headers(),
         )
         if type(outcome) is Published:  # nearly every callback: no pattern matching, a prebuilt answer
             return published_answer(outcome.topic, outcome.partition, outcome.offset)
@@ -128,7 +158,7 @@ class CallbackReceiver:
         self._source_filter.check(request.remote, request.headers.getall("X-Forwarded-For", []))
         token = self._settings.token
         if token is not None:
-            verify_token(request.match_info.get("token") or request.query.get("token"), token)
+            verify_token(request.match_info.get(_TOKEN) or request.query.get("token"), token)
 
     async def _read_body(self, request: web.Request) -> bytes:
         settings = self._settings

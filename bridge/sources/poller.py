@@ -67,7 +67,12 @@ def check_window(publish_timeout_s: float, request_timeout_s: float, *, window_s
 
 
 class EventsApi(Protocol):
-    """The two VOD API calls the poller needs (``bridge.vodapi.VodClient`` implements it)."""
+    """The two VOD API calls the poller needs, for one VOD application (``bridge.vod.api.VodClient``)."""
+
+    @property
+    def sub_app_id(self) -> int | None:
+        """The SubAppId both calls carry: what the poller pulls is confirmed under the same one."""
+        ...
 
     async def pull_events(self) -> list[bytes]: ...
     async def confirm_events(self, handles: Sequence[str]) -> None: ...
@@ -111,11 +116,15 @@ class PollerStats:
 
 
 class Poller:
-    """Loops PullEvents → publish → ConfirmEvents until :meth:`stop`.
+    """Loops PullEvents → publish → ConfirmEvents until :meth:`stop`, for the one VOD application of ``api``.
 
     A batch already pulled is always finished (published and confirmed as far as acks allow) before the
     loop exits; a pull in progress is abandoned at once, which is safe: VOD re-delivers whatever it handed
     out and was not confirmed.
+
+    Several applications run one Poller each (over one session and one delivery path); each has its own
+    back-off, its records carry its SubAppId (header ``vod-sub-app-id``), and it logs as
+    ``bridge.sources.poller.<SubAppId>``, so one failing application is told apart from the others.
     """
 
     def __init__(
@@ -131,6 +140,14 @@ class Poller:
     ) -> None:
         """``window_s`` is VOD's confirm window; only tests shorten it."""
         self._api = api
+        self._sub_app_id = sub_app_id = api.sub_app_id
+        #: How logs name this loop's application; its own logger keeps one loop's repeating failure from hiding
+        #: another's (the log gate groups by logger and message).
+        self._app = "default app" if sub_app_id is None else f"SubAppId {sub_app_id}"
+        self._log = logger if sub_app_id is None else logger.getChild(str(sub_app_id))
+        label = "" if sub_app_id is None else str(sub_app_id)
+        self._pulls = {outcome: metrics.pulls.labels(outcome, label) for outcome in ("events", "empty", "error")}
+        self._confirmed_events = metrics.confirmed_events.labels(label)
         self._delivery = delivery
         self._settings = settings
         self._metrics = metrics
@@ -140,6 +157,11 @@ class Poller:
         self._tracer = tracer or NoTracer()
         self._window_s = window_s
         self.stats = PollerStats()
+
+    @property
+    def sub_app_id(self) -> int | None:
+        """The VOD application this loop pulls from and confirms to (None: the default one)."""
+        return self._sub_app_id
 
     def stop(self) -> None:
         """Ask the loop to finish its current batch and return."""
@@ -151,7 +173,7 @@ class Poller:
         Pipelined: while up to ``max_batches_in_flight`` pulled batches are being published and confirmed,
         the next PullEvents is already under way. Each batch still confirms only its own acked handles.
         """
-        logger.info("poller started: PullEvents -> kafka -> ConfirmEvents")
+        self._log.info("poller started for the %s: PullEvents -> kafka -> ConfirmEvents", self._app)
         backoff = Backoff(self._settings.backoff_initial_s, self._settings.backoff_max_s)
         in_flight: set[asyncio.Task[bool]] = set()
         try:
@@ -168,16 +190,16 @@ class Poller:
                 try:
                     raw_events = await self._until_stopped(self._api.pull_events())
                 except UpstreamError as exc:
-                    self._metrics.pulls.labels("error").inc()
+                    self._pulls["error"].inc()
                     delay_s = backoff.next_delay_s()
-                    log = logger.warning if exc.retriable else logger.error
-                    log("PullEvents failed (%s); retrying in %.2fs", exc.message, delay_s)
+                    log = self._log.warning if exc.retriable else self._log.error
+                    log("PullEvents for the %s failed (%s); retrying in %.2fs", self._app, exc.message, delay_s)
                     await self._pause(delay_s)
                     continue
                 if raw_events is None:  # stopped while waiting for the long poll
                     break
                 self.stats.pulls += 1
-                self._metrics.pulls.labels("events" if raw_events else "empty").inc()
+                self._pulls["events" if raw_events else "empty"].inc()
                 if not raw_events:
                     # A long poll already waited server-side; an instant empty answer means pace ourselves.
                     if time.monotonic() - started < self._settings.idle_interval_s:
@@ -193,9 +215,11 @@ class Poller:
             if in_flight:
                 for result in await asyncio.gather(*in_flight, return_exceptions=True):
                     if isinstance(result, Exception):
-                        logger.error("a pulled batch failed unexpectedly while stopping", exc_info=result)
-        logger.info(
-            "poller stopped: %d pulls, %d events, %d confirmed, %d left for re-delivery, max confirm age %.3fs",
+                        self._log.error("a pulled batch failed unexpectedly while stopping", exc_info=result)
+        self._log.info(
+            "poller stopped for the %s: %d pulls, %d events, %d confirmed, %d left for re-delivery,"
+            " max confirm age %.3fs",
+            self._app,
             self.stats.pulls,
             self.stats.events,
             self.stats.confirmed,
@@ -210,7 +234,7 @@ class Poller:
         for task in done:
             if (exc := task.exception()) is not None:
                 # A bug outside the per-event handling (e.g. in confirming): VOD re-delivers what was not confirmed.
-                logger.error(
+                self._log.error(
                     "a pulled batch failed unexpectedly; VOD will re-deliver what it did not confirm", exc_info=exc
                 )
                 self._metrics.publish_failed.labels("pull", UNEXPECTED_ERROR).inc()
@@ -222,7 +246,7 @@ class Poller:
             return
         # Kafka is refusing records: pulling more would only churn the visibility window.
         delay_s = backoff.next_delay_s()
-        logger.warning("kafka did not ack every event; next pull in %.2fs", delay_s)
+        self._log.warning("kafka did not ack every event; next pull in %.2fs", delay_s)
         await self._pause(delay_s)
 
     async def process_batch(self, raw_events: Sequence[bytes], *, pulled_at: float) -> bool:
@@ -251,7 +275,7 @@ class Poller:
             # the rest of the batch be confirmed.
             envelope = _envelope_of(raw)
             event_type = envelope.EventType if isinstance(envelope.EventType, str) and envelope.EventType else "event"
-            logger.exception(
+            self._log.exception(
                 "pulled %s (handle %s) failed unexpectedly; left for re-delivery", event_type, envelope.EventHandle
             )
             self._metrics.publish_failed.labels("pull", UNEXPECTED_ERROR).inc()
@@ -261,7 +285,7 @@ class Poller:
         elif isinstance(outcome, DeadLettered):
             self.stats.dead_lettered += 1
         elif not delivered(outcome):
-            logger.warning("pulled %s not acknowledged, left for re-delivery", item.event_type or "event")
+            self._log.warning("pulled %s not acknowledged, left for re-delivery", item.event_type or "event")
         return item.event_handle, delivered(outcome)
 
     async def _deliver(self, raw: bytes, received_at: datetime) -> tuple[VodEventOrBody, Outcome]:
@@ -273,9 +297,13 @@ class Poller:
                 item = Undecodable(reason=exc.reason, message=exc.message, value=raw, event_handle=event_handle_of(raw))
             span.annotate(item)
             if item.event_handle is None:
-                logger.warning("pulled %s without EventHandle; delivering it anyway", item.event_type or "event")
+                self._log.warning("pulled %s without EventHandle; delivering it anyway", item.event_type or "event")
             outcome = await self._delivery.deliver(
-                item, source="pull", received_at=received_at, trace_headers=span.kafka_headers()
+                item,
+                source="pull",
+                received_at=received_at,
+                sub_app_id=self._sub_app_id,
+                trace_headers=span.kafka_headers(),
             )
         return item, outcome
 
@@ -288,9 +316,9 @@ class Poller:
                 self.stats.confirmed += len(chunk)
                 self.stats.max_confirm_age_s = max(self.stats.max_confirm_age_s, age_s)
                 self.stats.confirm_ages_s.append(age_s)
-                self._metrics.confirmed_events.inc(len(chunk))
+                self._confirmed_events.inc(len(chunk))
                 self._metrics.confirm_age.observe(age_s)
-                log = logger.warning if age_s > self._settings.confirm_warn_after_s else logger.debug
+                log = self._log.warning if age_s > self._settings.confirm_warn_after_s else self._log.debug
                 log(
                     "confirmed %d events %.3fs after the PullEvents request (window %.0fs)",
                     len(chunk),
@@ -312,13 +340,13 @@ class Poller:
                 remaining_s = self._window_s - (time.monotonic() - pulled_at)
                 if not exc.retriable or remaining_s < delay_s + CONFIRM_RETRY_MARGIN_S:
                     # Re-delivery will bring these events back; Kafka already has them (a duplicate).
-                    logger.warning(
+                    self._log.warning(
                         "ConfirmEvents failed for %d handles (%s); VOD will re-deliver them",
                         len(chunk),
                         exc.message,
                     )
                     return False
-                logger.info("ConfirmEvents failed (%s); retrying in %.2fs", exc.message, delay_s)
+                self._log.info("ConfirmEvents failed (%s); retrying in %.2fs", exc.message, delay_s)
                 await asyncio.sleep(delay_s)
 
     async def _until_stopped(self, call: Awaitable[list[bytes]]) -> list[bytes] | None:

@@ -416,6 +416,11 @@ class VodClient:
         """The URL requests are POSTed to."""
         return self._url
 
+    @property
+    def sub_app_id(self) -> int | None:
+        """The ``SubAppId`` every PullEvents and ConfirmEvents of this client carries (None: not sent)."""
+        return self._sub_app_id
+
     async def pull_events(self) -> list[bytes]:
         """Pull up to 16 events; each item is one ``EventContent`` (with ``EventHandle``) as raw JSON bytes.
 

@@ -49,7 +49,9 @@ async def test_spooled_while_kafka_is_away_then_forwarded_in_order(
     client = await make_client(settings, wait_ready=False)
     assert (await client.get("/readyz")).status == 200, "with a spool the bridge accepts events without Kafka"
     for progress in range(20):
-        response = await client.post("/vod/callback", json=sample_event("ordered", Progress=progress))
+        # Every other one names its VOD application in the path: the header must survive the spool.
+        path = "/vod/callback/1500001" if progress % 2 else "/vod/callback"
+        response = await client.post(path, json=sample_event("ordered", Progress=progress))
         assert response.status == 200
         assert (await response.json())["status"] == "spooled"
     forwarder = client.server.app[COMPONENTS].forwarder
@@ -63,6 +65,7 @@ async def test_spooled_while_kafka_is_away_then_forwarded_in_order(
     records = await read_records(own_broker.bootstrap_servers, topic, count=21)
     assert [value_of(r)["PullCompleteEvent"]["Progress"] for r in records] == list(range(21))
     assert all(r.key == b"ordered" and headers_of(r)["source"] == "callback" for r in records)
+    assert [headers_of(r).get("vod-sub-app-id") for r in records[:20]] == [None, "1500001"] * 10
 
 
 async def test_spool_survives_a_restart_and_reports_a_torn_tail(
@@ -174,7 +177,7 @@ async def test_a_record_kafka_refuses_for_good_is_dead_lettered_and_the_queue_mo
     now = datetime.now(UTC)
     try:
         for task_id in ("before", "refused", "ahead", "behind"):
-            await forwarder.store(_event(task_id), source="callback", received_at=now)
+            await forwarder.store(_event(task_id), source="callback", received_at=now, sub_app_id=1500001)
         await _drain(forwarder)
     finally:
         await spool.close()
@@ -185,6 +188,8 @@ async def test_a_record_kafka_refuses_for_good_is_dead_lettered_and_the_queue_mo
     headers = headers_of(letter)
     assert headers["error-reason"] == "kafka_refused" and "refused" in headers["error"]
     assert headers["event-type"] == "PullComplete" and value_of(letter)["PullCompleteEvent"]["TaskId"] == "refused"
+    assert headers["vod-sub-app-id"] == "1500001", "the dead letter still names its VOD application"
+    assert all(headers_of(r)["vod-sub-app-id"] == "1500001" for r in records)
     assert sink.sent.count((topic, b"behind")) == 1 and sink.sent.count((topic, b"before")) == 1
     rendered = metrics.render().decode()
     assert 'vod_bridge_events_dead_lettered_total{reason="kafka_refused",source="callback"} 1.0' in rendered

@@ -59,3 +59,15 @@ def test_dead_letter_headers() -> None:
     ]
     long = dead_letter_headers(source="pull", received_at=RECEIVED_AT, reason="r", error="x" * 5000)
     assert long[4] == ("error", b"x" * records.MAX_ERROR_BYTES)
+
+
+def test_sub_app_id_header_is_the_decimal_sub_app_id_before_extra() -> None:
+    extra = [("traceparent", b"00-abc-def-01")]
+    headers = event_headers(
+        event(event_handle="h-1"), source="pull", received_at=RECEIVED_AT, sub_app_id=1500012345, extra=extra
+    )
+    assert headers[5:] == [("event-handle", b"h-1"), ("vod-sub-app-id", b"1500012345"), *extra]
+    item = Undecodable(reason="missing_key", message="no TaskId", value=b"{}")
+    letter = undecodable_headers(item, source="callback", received_at=RECEIVED_AT, sub_app_id=7)
+    assert letter[-1] == (records.SUB_APP_ID, b"7")
+    assert records.SUB_APP_ID not in dict(event_headers(event(), source="pull", received_at=RECEIVED_AT))

@@ -242,6 +242,19 @@ async def test_vod_api_check_verdicts(
     assert "fake-callback-token" not in result.detail  # DescribeEventConfig's NotificationUrl is never shown
 
 
+async def test_every_sub_app_id_gets_its_own_vod_api_check(
+    make_settings: Callable[..., Settings], vod: FakeVod
+) -> None:
+    poller = PollerSettings(enabled=True, endpoint=vod.endpoint, sub_app_ids=[SUB_APP_ID + 1, SUB_APP_ID])
+    settings = msgspec.structs.replace(make_settings(), poller=poller)
+    results = await run_checks(settings, Credentials(SECRET_ID, SECRET_KEY), timeout_s=5)
+    checked = [(r.status, r.detail) for r in results if r.name == "vod api"]
+    assert [status for status, _ in checked] == ["fail", "ok"], checked
+    assert f"SubAppId {SUB_APP_ID + 1}: " in checked[0][1] and "InvalidParameterValue.SubAppId" in checked[0][1]
+    assert f"SubAppId {SUB_APP_ID}: " in checked[1][1]
+    assert sorted(r.params.get("SubAppId") for r in vod.requests) == [SUB_APP_ID, SUB_APP_ID + 1]
+
+
 async def test_a_hanging_vod_api_fails_within_the_timeout(vod: FakeVod) -> None:
     vod.hang_next(1, action="DescribeEventConfig")
     poller = PollerSettings(enabled=True, endpoint=vod.endpoint, sub_app_id=SUB_APP_ID)

@@ -232,6 +232,7 @@ REQUIRED_TOPICS: dict[str, tuple[str, set[str]]] = {
     "confirm age": ("vod_bridge_poller_confirm_age_seconds_bucket", {"le"}),
     "dead letters": ("vod_bridge_events_dead_lettered_total", {"reason"}),
     "producer replacements": ("vod_bridge_producer_replacements_total", set()),
+    "pulls by VOD application": ("vod_bridge_poller_pulls_total", {"sub_app_id", "outcome"}),
 }
 
 

@@ -73,7 +73,7 @@ DEAD_LETTERS = [
     (0, *_dead_letter(PULL_COMPLETE, "missing_key", event_type="PullComplete")),
     (0, *_dead_letter(STILL_MISSING_KEY, "missing_key", event_type="PullComplete")),
     # A legacy v2.0 envelope from the reliable callback, before the tolerant reader read that envelope.
-    (0, *_dead_letter(LEGACY, "unrecognised", source="pull", event_handle="handle-legacy-1")),
+    (0, *_dead_letter(LEGACY, "unrecognised", source="pull", event_handle="handle-legacy-1", sub_app_id=1500001)),
     (1, *_dead_letter(NOT_AN_OBJECT, "spool_format")),
     (1, *_dead_letter(AMBIGUOUS, "ambiguous_payload", event_type="SomethingNew")),
 ]
@@ -148,6 +148,7 @@ async def test_moves_what_now_decodes_and_leaves_the_rest(
     assert headers_of(legacy) == {
         **expected_headers(dlq, 0, 2, source="pull", fmt="legacy-v2"),
         records.EVENT_HANDLE: "handle-legacy-1",
+        records.SUB_APP_ID: "1500001",
     }
 
     await assert_dead_letters_unchanged(kafka, dlq, dead_letters)

@@ -78,6 +78,13 @@ def test_run_workers_gives_them_a_fresh_metrics_dir_marks_the_dead_and_removes_i
     assert list(tmp_path.iterdir()) == [], "removed at exit"
 
 
+def test_every_sub_app_loop_runs_in_worker_zero() -> None:
+    env = {"BRIDGE_WORKERS": "2", "BRIDGE_PULL_ENABLED": "true", "BRIDGE_VOD_SUB_APP_IDS": "1500001,1500002"}
+    first, second = (load_settings(worker_env(env, load_settings(env), i, Path("/tmp/m"))).poller for i in range(2))
+    assert first.enabled and first.loop_sub_app_ids() == (1500001, 1500002)
+    assert not second.enabled
+
+
 def test_run_workers_refuses_to_strand_spooled_events_before_starting_any_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

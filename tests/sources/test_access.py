@@ -331,3 +331,26 @@ async def test_token_in_path_or_query(kafka: Kafka, make_settings, make_client, 
     records = await read_records(kafka.bootstrap_servers, topic, count=2, settle_s=1.0)
     assert sorted(r.key for r in records) == [b"by-path", b"by-query"]
     assert TOKEN not in caplog.text
+
+
+@pytest.mark.integration
+async def test_token_is_still_required_with_a_sub_app_id_in_the_path(kafka: Kafka, make_settings, make_client, topic):
+    client = await make_client(make_settings(http_token=TOKEN))
+    for path, status in (
+        ("/vod/callback/1500001", 401),
+        ("/vod/callback/1500001/wrong-token-xxxxxxxx", 401),
+        ("/vod/callback/1500001?token=nope", 401),
+        (f"/vod/callback/{TOKEN}/1500001", 404),  # the SubAppId comes first, the token last
+    ):
+        response = await client.post(path, json=sample_event("intruder"))
+        assert response.status == status, path
+        assert TOKEN not in await response.text()
+    assert (await client.post(f"/vod/callback/1500001/{TOKEN}", json=sample_event("by-path"))).status == 200
+    assert (await client.post(f"/vod/callback/1500002?token={TOKEN}", json=sample_event("by-query"))).status == 200
+    assert (await client.post(f"/vod/callback/{TOKEN}", json=sample_event("no-sub-app"))).status == 200
+    records = await read_records(kafka.bootstrap_servers, topic, count=3, settle_s=1.0)
+    assert {r.key: dict(r.headers).get("vod-sub-app-id") for r in records} == {
+        b"by-path": b"1500001",
+        b"by-query": b"1500002",
+        b"no-sub-app": None,
+    }

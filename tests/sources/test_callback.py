@@ -201,3 +201,29 @@ async def test_overload_answers_503_with_retry_after(kafka: Kafka, make_settings
     assert all(body["error"] == "overloaded" and retry == "1" for body, retry in overloaded)
     records = await read_records(kafka.bootstrap_servers, topic, count=3, settle_s=1.0)
     assert {r.key.decode() for r in records} == accepted
+
+
+@pytest.mark.producer
+async def test_sub_app_id_in_the_path_becomes_the_header(kafka: Kafka, make_settings, make_client, topic) -> None:
+    client = await make_client(make_settings())
+    assert (await client.post("/vod/callback/1500001", json=sample_event("from-1500001"))).status == 200
+    assert (await client.post("/vod/callback", json=sample_event("from-default"))).status == 200
+    keyless, reason, _ = KEYLESS_BODIES[1]
+    letter_answer = await client.post("/vod/callback/1500002", data=keyless)
+    assert (await letter_answer.json())["status"] == "dead_lettered"
+    records = await read_records(kafka.bootstrap_servers, topic, count=2)
+    assert {r.key: headers_of(r).get("vod-sub-app-id") for r in records} == {
+        b"from-1500001": "1500001",
+        b"from-default": None,
+    }
+    (letter,) = await read_records(kafka.bootstrap_servers, f"{topic}.dlq", count=1)
+    assert headers_of(letter)["vod-sub-app-id"] == "1500002" and headers_of(letter)["error-reason"] == reason
+
+
+async def test_a_path_segment_that_is_not_a_sub_app_id_is_not_found(make_settings, make_client) -> None:
+    client = await make_client(make_settings())
+    for segment in ("abc", "0", "01500001", "-1500001", "+1500001", "1" * 19, "1500001/extra", "1500001/"):
+        response = await client.post(f"/vod/callback/{segment}", json=sample_event("nowhere"))
+        assert response.status == 404, segment
+        assert (await response.json())["error"] == "not_found"
+    assert client.server.app[COMPONENTS].metrics.received.collect()[0].samples == [], "nothing reached delivery"

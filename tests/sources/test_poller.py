@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from conftest import Kafka, headers_of, read_records, sample_event, value_of, wait_until
 from fakevod import FakeVod
 from faultkit import OwnBroker
+from msgspec.structs import replace
 
-from bridge.app import create_app
-from bridge.config import KafkaSettings, PollerSettings
+from bridge.app import COMPONENTS, create_app
+from bridge.config import KafkaSettings, PollerSettings, Settings
 from bridge.delivery.dedup import DedupWindow
 from bridge.delivery.kafka import KafkaSink
 from bridge.delivery.pipeline import Delivery
-from bridge.delivery.records import EVENT_HANDLE, Headers, header
+from bridge.delivery.records import EVENT_HANDLE, SUB_APP_ID, Headers, header
 from bridge.errors import ConfigError, UpstreamError
 from bridge.ops.metrics import Metrics
 from bridge.sources.poller import VISIBILITY_WINDOW_S, Poller, check_window
@@ -58,6 +61,7 @@ class ConfirmFails:
 
     def __init__(self, inner: VodClient) -> None:
         self.inner = inner
+        self.sub_app_id = inner.sub_app_id
 
     async def pull_events(self) -> list[bytes]:
         return await self.inner.pull_events()
@@ -144,6 +148,7 @@ async def test_all_events_reach_kafka_and_each_confirm_follows_its_ack(
         headers = headers_of(record)
         assert headers["source"] == "pull"
         assert headers["event-handle"]
+        assert SUB_APP_ID not in headers, "no SubAppId configured: the default application, no header"
         assert "EventHandle" not in value_of(record)
 
     assert {event_id for _, event_id, _ in fake_vod.confirmed} == set(ids)
@@ -257,7 +262,7 @@ async def test_api_errors_back_off_and_recover(
         await run_until(poller, lambda: not fake_vod.pending_ids)
     finally:
         await sink.close()
-    assert metrics.pulls.labels("error")._value.get() == 3
+    assert metrics.pulls.labels("error", "")._value.get() == 3
     (record,) = await read_records(kafka.bootstrap_servers, topic, count=1)
     assert record.key == b"after-errors"
 
@@ -463,6 +468,7 @@ class ConfirmRaisesOnce:
 
     def __init__(self, inner: VodClient) -> None:
         self.inner = inner
+        self.sub_app_id = inner.sub_app_id
         self.raised = False
 
     async def pull_events(self) -> list[bytes]:
@@ -519,3 +525,113 @@ def test_check_window_accepts_a_worst_case_equal_to_the_window() -> None:
     check_window(1.0, 1.0, window_s=3.0)
     with pytest.raises(ConfigError, match=r"= 3s exceeds the 2\.5s"):
         check_window(1.0, 1.0, window_s=2.5)
+
+
+# ---- several VOD applications (BRIDGE_VOD_SUB_APP_IDS): one loop each, in one app ---------------------------------
+
+
+async def serve_pollers(settings: Settings) -> TestClient[Any, Any]:
+    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings, credentials=CREDENTIALS)))
+    await client.start_server()
+    return client
+
+
+def pulls_of(vod: FakeVod, sub_app_id: int, outcome: str) -> int:
+    return sum(
+        1
+        for r in vod.requests
+        if r.action == "PullEvents" and r.params.get("SubAppId") == sub_app_id and r.outcome == outcome
+    )
+
+
+@pytest.mark.parametrize(
+    "configured",
+    [{"sub_app_ids": [1500001, 1500002]}, {"sub_app_id": 1500003}],
+    ids=["several", "single"],
+)
+async def test_each_loop_confirms_what_it_pulled_under_its_own_sub_app_id(
+    kafka: Kafka,
+    topic: str,
+    fake_vod: FakeVod,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+    *,
+    configured: dict[str, Any],
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.sources.poller")
+    fake_vod.visibility_timeout_s = 30.0  # a slow test machine must not turn into re-deliveries
+    loops: list[int] = configured.get("sub_app_ids") or [configured["sub_app_id"]]
+    expected: dict[str, str] = {}
+    for sub_app_id in loops:
+        for i in range(20):  # more than one batch (16) per application
+            fake_vod.add_event(sample_event(f"{sub_app_id}-{i}"), sub_app_id=sub_app_id)
+            expected[f"{sub_app_id}-{i}"] = str(sub_app_id)
+    default_app_only = fake_vod.add_event(sample_event("default-app"))  # no loop pulls the default application
+    poller = poller_settings(topic, endpoint=fake_vod.endpoint, **configured)
+    client = await serve_pollers(replace(make_settings(), callback_enabled=False, poller=poller))
+    try:
+        await wait_until(lambda: fake_vod.pending_ids == [default_app_only], timeout_s=20)
+        components = client.server.app[COMPONENTS]
+        assert [p.sub_app_id for p in components.pollers] == loops
+        rendered = components.metrics.render().decode()
+    finally:
+        await client.close()
+
+    records = await read_records(kafka.bootstrap_servers, topic, count=len(expected))
+    assert {r.key.decode(): headers_of(r)[SUB_APP_ID] for r in records} == expected
+    assert len(records) == len(expected)
+    # Every handle went back with the SubAppId of the PullEvents that handed it out, and VOD took it.
+    assert len(fake_vod.confirm_log) == len(expected)
+    assert all(c.accepted and c.sub_app_id == c.pulled_under for c in fake_vod.confirm_log), fake_vod.confirm_log
+    assert fake_vod.rejected_confirms == [] and fake_vod.deliveries[default_app_only] == 0
+    assert {r.params.get("SubAppId") for r in fake_vod.requests} == set(loops)
+    for sub_app_id in loops:
+        assert f'vod_bridge_poller_events_confirmed_total{{sub_app_id="{sub_app_id}"}} 20.0' in rendered
+        lines = [r.getMessage() for r in caplog.records if r.name == f"bridge.sources.poller.{sub_app_id}"]
+        assert any(line.startswith(f"poller started for the SubAppId {sub_app_id}:") for line in lines), lines
+        assert any(line.startswith(f"poller stopped for the SubAppId {sub_app_id}: ") for line in lines), lines
+
+
+async def test_a_sub_app_the_api_refuses_does_not_hold_up_the_others(
+    kafka: Kafka,
+    topic: str,
+    fake_vod: FakeVod,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.sources.poller")
+    fake_vod.visibility_timeout_s = 30.0
+    # Once 1500002's events are gone its loop parks in the long poll: shutdown must interrupt it, not wait 10 s.
+    fake_vod.pull_delay_s = 10.0
+    fake_vod.refuse_sub_app(1500001, "UnauthorizedOperation")  # e.g. a key without permission on that application
+    refused = [fake_vod.add_event(sample_event(f"refused-{i}"), sub_app_id=1500001) for i in range(3)]
+    for i in range(10):
+        fake_vod.add_event(sample_event(f"served-{i}"), sub_app_id=1500002)
+    poller = poller_settings(topic, endpoint=fake_vod.endpoint, sub_app_ids=[1500001, 1500002])
+    client = await serve_pollers(replace(make_settings(), callback_enabled=False, poller=poller))
+    try:
+        # The refused loop keeps retrying on its own back-off while the other one delivers everything.
+        await wait_until(
+            lambda: not fake_vod.pending_for(1500002) and pulls_of(fake_vod, 1500001, "UnauthorizedOperation") >= 3,
+            timeout_s=20,
+        )
+        rendered = client.server.app[COMPONENTS].metrics.render().decode()
+    finally:
+        closing = time.monotonic()
+        await client.close()
+        closed_in_s = time.monotonic() - closing
+    assert closed_in_s < 5.0, "both loops stop within the shutdown, the parked long poll included"
+
+    records = await read_records(kafka.bootstrap_servers, topic, count=10)
+    assert sorted(r.key.decode() for r in records) == sorted(f"served-{i}" for i in range(10))
+    assert {headers_of(r)[SUB_APP_ID] for r in records} == {"1500002"}
+    assert sorted(fake_vod.pending_ids) == sorted(refused)
+    assert all(c.sub_app_id == c.pulled_under == 1500002 for c in fake_vod.confirm_log)
+    errors = dict(re.findall(r'vod_bridge_poller_pulls_total\{outcome="error",sub_app_id="(\d+)"\} (\S+)', rendered))
+    assert float(errors["1500001"]) >= 3 and float(errors["1500002"]) == 0, errors
+    refusals = [r for r in caplog.records if r.name == "bridge.sources.poller.1500001" and "failed" in r.getMessage()]
+    assert refusals and all(r.levelno == logging.ERROR for r in refusals)
+    assert "PullEvents for the SubAppId 1500001 failed" in refusals[0].getMessage()
+    assert "UnauthorizedOperation" in refusals[0].getMessage()
+    stopped = {r.name for r in caplog.records if r.getMessage().startswith("poller stopped for the SubAppId")}
+    assert stopped == {"bridge.sources.poller.1500001", "bridge.sources.poller.1500002"}

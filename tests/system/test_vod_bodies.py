@@ -97,8 +97,8 @@ async def test_every_body_through_the_poller(kafka: Kafka, make_settings, topic)
         await client.start_server()
         try:
             await wait_until(lambda: not vod.pending_ids, timeout_s=30)
-            poller = client.server.app[COMPONENTS].poller
-            assert poller is not None and poller.stats.confirmed == len(bodies)
+            (poller,) = client.server.app[COMPONENTS].pollers
+            assert poller.stats.confirmed == len(bodies)
         finally:
             await client.close()
         confirmed = {event_id for _, event_id, _ in vod.confirmed}

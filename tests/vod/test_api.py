@@ -281,8 +281,9 @@ async def test_long_poll_returns_early_when_an_event_arrives(session: aiohttp.Cl
 
 
 async def test_sub_app_id_is_sent(session: aiohttp.ClientSession, vod: FakeVod) -> None:
-    vod.add_event(_event("x"))
+    vod.add_event(_event("x"), sub_app_id=1500012345)  # the fake keeps one queue per application
     client = _client(session, vod, sub_app_id=1500012345, region="ap-guangzhou")
+    assert client.sub_app_id == 1500012345
     [raw] = await client.pull_events()
     await client.confirm_events([json.loads(raw)["EventHandle"]])
     assert vod.requests[0].params == {"SubAppId": 1500012345}
@@ -322,6 +323,24 @@ async def test_describe_event_config_errors_are_typed(session: aiohttp.ClientSes
         with pytest.raises(VodTransportError, match=r"DescribeEventConfig: no answer within 0\.3s"):
             await _client(session, vod, sub_app_id=1500000001, request_timeout_s=0.3).describe_event_config()
         assert time.monotonic() - started < 2.0
+
+
+async def test_the_fake_keeps_each_applications_handles_to_itself(session: aiohttp.ClientSession, vod: FakeVod) -> None:
+    """What the poller tests rely on: a handle confirmed under another SubAppId is refused, not silently taken."""
+    vod.add_event(_event("mine"), sub_app_id=1500001)
+    owner = _client(session, vod, sub_app_id=1500001)
+    other = _client(session, vod, sub_app_id=1500002)
+    assert await other.pull_events() == []
+    [raw] = await owner.pull_events()
+    handle = json.loads(raw)["EventHandle"]
+    with pytest.raises(UpstreamError, match="InvalidParameterValue"):
+        await other.confirm_events([handle])
+    await owner.confirm_events([handle])
+    assert [(c.sub_app_id, c.pulled_under, c.accepted) for c in vod.confirm_log] == [
+        (1500002, 1500001, False),
+        (1500001, 1500001, True),
+    ]
+    assert vod.pending_ids == []
 
 
 async def test_temporary_credentials_send_the_token(session: aiohttp.ClientSession) -> None:
