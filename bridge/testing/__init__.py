@@ -115,11 +115,11 @@ def vod_bridge_factory(vod_bridge_kafka: KafkaEndpoint) -> Iterator[Callable[...
         return bridge
 
     yield make
-    failures: list[BridgeStopError] = []
+    failures: list[Exception] = []
     for bridge in reversed(started):
         try:
             bridge.stop()
-        except BridgeStopError as exc:
+        except Exception as exc:  # every bridge is stopped; the first failure is reported
             failures.append(exc)
     if failures:
         raise failures[0]

@@ -254,9 +254,10 @@ class VodBridge:
         """Start the bridge; raise :class:`BridgeStartError` when it is not ready within ``startup_timeout_s``."""
         if self._thread is not None:
             raise RuntimeError("the bridge is already started")
+        self.fatal_error = None
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._thread = threading.Thread(target=_run_loop, args=(loop,), name="vod-bridge", daemon=True)
+        self._thread = threading.Thread(target=_run_loop, args=(loop,), name=f"vod-bridge {self.topic}", daemon=True)
         self._thread.start()
         try:
             self._call(self._astart(), self.startup_timeout_s + _GRACE_S)

@@ -23,6 +23,10 @@ from bridge.testing import (
 KAFKA = KafkaEndpoint("127.0.0.1:9092", supports_idempotence=False)
 
 
+def threads_of(bridge: VodBridge) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == f"vod-bridge {bridge.topic}"]
+
+
 def test_settings_defaults_give_each_bridge_topics_of_its_own() -> None:
     first, second = bridge_settings(KAFKA), bridge_settings(KAFKA)
     assert first.kafka.topic.startswith("vod.events.test-") and first.kafka.topic != second.kafka.topic
@@ -68,20 +72,18 @@ def test_a_broker_refusing_the_idempotent_producer_stops_the_start_with_the_reme
 ) -> None:
     tansu = session_brokers.get("tansu")
     bridge = VodBridge(bridge_settings(KafkaEndpoint(tansu.bootstrap_servers, supports_idempotence=True)))
-    threads = threading.active_count()
     with pytest.raises(BridgeStartError, match=r"refused the idempotent producer.*VOD_BRIDGE_TEST_IDEMPOTENCE=false"):
         bridge.start()
-    assert threading.active_count() == threads, "the bridge's thread ended with the failed start"
+    assert not threads_of(bridge), "the bridge's thread ended with the failed start"
 
 
 @pytest.mark.integration
 def test_stop_closes_the_port_and_ends_the_thread(vod_bridge_kafka: KafkaEndpoint) -> None:
-    threads = threading.active_count()
     with VodBridge(bridge_settings(vod_bridge_kafka)) as bridge:
         address = ("127.0.0.1", int(bridge.base_url.rpartition(":")[2]))
         socket.create_connection(address, timeout=1).close()
-        assert threading.active_count() == threads + 1
-    assert threading.active_count() == threads
+        assert len(threads_of(bridge)) == 1
+    assert not threads_of(bridge)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(address, timeout=1)
     with pytest.raises(RuntimeError, match="not running"):
