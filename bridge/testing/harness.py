@@ -217,6 +217,7 @@ class VodBridge:
         self._session: aiohttp.ClientSession | None = None
         self._readers: dict[str, _TopicReader] = {}
         self._port: int | None = None
+        self._scheme = "http"
         #: What made the app report a fatal failure (a refused producer, ...), if anything did.
         self.fatal_error: BaseException | None = None
 
@@ -228,7 +229,7 @@ class VodBridge:
             raise RuntimeError("the bridge is not running")
         host = self.settings.http.host
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{self._port}"
+        return f"{self._scheme}://{shown}:{self._port}"
 
     @property
     def callback_url(self) -> str:
@@ -375,7 +376,15 @@ class VodBridge:
         app = create_app(settings, on_fatal=self._on_fatal)
         runner = self._runner = web.AppRunner(app, **runner_options(settings))
         await runner.setup()
-        site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=settings.http.reuse_port)
+        tls = app[COMPONENTS].tls
+        self._scheme = "https" if tls is not None else "http"
+        site = web.TCPSite(
+            runner,
+            settings.http.host,
+            settings.http.port,
+            reuse_port=settings.http.reuse_port,
+            ssl_context=tls.context if tls is not None else None,
+        )
         await site.start()
         self._port = int(runner.addresses[0][1])
         self._session = aiohttp.ClientSession()
@@ -435,7 +444,13 @@ class VodBridge:
         url = self.base_url + path if path is not None else self.callback_url
         sent_headers = {"Content-Type": "application/json", **(headers or {})}
         async with self._session.post(
-            url, data=body, headers=sent_headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            url,
+            data=body,
+            headers=sent_headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            # With http_tls_* settings: the bridge's own certificate, on loopback, is not checked by its own test
+            # client (which also has no client certificate for http_tls_client_ca_file).
+            ssl=self._scheme != "https",
         ) as response:
             raw = await response.read()
         try:

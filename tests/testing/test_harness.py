@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import SessionBrokers
@@ -119,3 +121,19 @@ def test_posts_bytes_as_they_are(vod_bridge: VodBridge) -> None:
     status, _ = vod_bridge.post(b'{"EventType": "PullComplete", "PullCompleteEvent": {"TaskId": "raw-1"}}')
     assert status == 200
     assert vod_bridge.records(1)[0].value == b'{"EventType":"PullComplete","PullCompleteEvent":{"TaskId": "raw-1"}}'
+
+
+@pytest.mark.integration
+def test_https_settings_serve_the_callback_over_tls(
+    vod_bridge_factory: Callable[..., VodBridge], tmp_path: Path
+) -> None:
+    import trustme
+
+    leaf = trustme.CA().issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    bridge = vod_bridge_factory(http_tls_cert_file=str(cert), http_tls_key_file=str(key))
+    assert bridge.callback_url.startswith("https://127.0.0.1:")
+    assert bridge.post(build_event("PullComplete", TaskId="tls-1")).status == 200
+    assert [record.key for record in bridge.records(1)] == [b"tls-1"]
