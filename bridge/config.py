@@ -449,7 +449,7 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str] | Non
         settings = msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
-    _validate(settings)
+    validate_settings(settings)
     return settings
 
 
@@ -515,7 +515,9 @@ def _explain(exc: msgspec.ValidationError) -> str:
     return f"invalid configuration: {message}"
 
 
-def _validate(settings: Settings) -> None:
+def validate_settings(settings: Settings) -> None:
+    """Raise :class:`ConfigError` naming the environment variable of the first inconsistent setting (for
+    Settings built in code, as ``load_settings`` checks its own)."""
     kafka, http = settings.kafka, settings.http
     checks: list[tuple[bool, str]] = [
         (bool(kafka.bootstrap_servers.strip()), "BRIDGE_KAFKA_BOOTSTRAP_SERVERS: must not be empty"),

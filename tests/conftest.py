@@ -37,6 +37,11 @@ from bridge.ops.embedded import EmbeddedBroker
 if TYPE_CHECKING:
     from faultkit import OwnBroker
 
+    from bridge.testing import KafkaEndpoint
+
+# The plugin consumer teams load (README "Testing your consumer"): the project's own tests use its fixtures too.
+pytest_plugins = ["bridge.testing"]
+
 SAMPLES = Path(__file__).resolve().parent.parent / "bridge" / "samples"
 
 #: The embedded brokers BRIDGE_TEST_BROKERS may name, in their default order.
@@ -134,7 +139,7 @@ class SessionBrokers:
         if name == "external":
             return Kafka(os.environ["KAFKA_BOOTSTRAP_SERVERS"], "external", supports_idempotence=True)
         if name == "testcontainers":
-            from testcontainers.kafka import KafkaContainer
+            from testcontainers.community.kafka import KafkaContainer
 
             container = self._stack.enter_context(KafkaContainer().with_kraft())
             return Kafka(container.get_bootstrap_server(), "testcontainers", supports_idempotence=True)
@@ -177,6 +182,17 @@ def kafka(request: pytest.FixtureRequest, session_brokers: SessionBrokers) -> Ka
     if (source := kafka_source()) != "embedded":
         return session_brokers.get(source)
     return session_brokers.get(getattr(request, "param", selected_brokers()[0]))
+
+
+@pytest.fixture(scope="session")
+def vod_bridge_kafka(session_brokers: SessionBrokers) -> KafkaEndpoint:
+    """The plugin's Kafka (``bridge.testing``) is the session's shared broker: the real Kafka, else the first of
+    ``BRIDGE_TEST_BROKERS``, so the plugin starts no broker of its own."""
+    from bridge.testing import KafkaEndpoint  # after pytest_plugins registered it: imported first, not rewritten
+
+    source = kafka_source()
+    kafka = session_brokers.get(source if source != "embedded" else selected_brokers()[0])
+    return KafkaEndpoint(kafka.bootstrap_servers, supports_idempotence=kafka.supports_idempotence)
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Kafka, read_records, sample_bytes, sample_event, selected_brokers, wait_until
+from conftest import sample_bytes, sample_event, selected_brokers, wait_until
 from faultkit import AckHoldingBroker, bridge_env, keys_in_kafka, metric_value, spawn, wait_ready
 
 from bridge.ops.embedded import EmbeddedBroker, free_port
+from bridge.testing import VodBridge
 
 pytestmark = pytest.mark.integration
 
@@ -197,17 +198,16 @@ def test_schema_command_prints_the_contract_as_json() -> None:
     assert "event-type" in json.loads(result.stdout)["required"]
 
 
-async def test_send_posts_a_signed_sample_to_a_running_bridge(kafka: Kafka, make_settings, make_client, topic) -> None:
-    client = await make_client(make_settings(http_sign_key="Key123"))
-    url = str(client.make_url("/vod/callback"))
+@pytest.mark.vod_bridge(http_sign_key="Key123")
+def test_send_posts_a_signed_sample_to_a_running_bridge(vod_bridge: VodBridge) -> None:
     env = bridge_env(BRIDGE_CALLBACK_SIGN_KEY="Key123")
+    url = vod_bridge.callback_url
     command = [sys.executable, "-m", "bridge", "send", "--url", url, "--task-id", "sent-1", "--sign"]
-    result = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("200 ")
-    unsigned = await asyncio.to_thread(
-        subprocess.run, command[:-1], env=env, capture_output=True, text=True, timeout=30
-    )
+    unsigned = subprocess.run(command[:-1], env=env, capture_output=True, text=True, timeout=30)
     assert unsigned.returncode == 1 and unsigned.stdout.startswith("401 ")
-    (record,) = await read_records(kafka.bootstrap_servers, topic, count=1, settle_s=0.5)
+    (record,) = vod_bridge.records(1)
     assert record.key == b"sent-1"
+    vod_bridge.assert_no_records(within_s=0.5)

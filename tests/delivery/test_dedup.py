@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import Kafka, read_records, sample_event, value_of
+from conftest import sample_event
 
 from bridge.delivery.dedup import DedupWindow, Seen, digest
+from bridge.testing import VodBridge
 from bridge.vod.decode import decode_event
 
 
@@ -69,25 +70,23 @@ def test_window_is_bounded_oldest_first() -> None:
 
 
 @pytest.mark.integration
-async def test_repeat_within_window_is_answered_but_not_published(
-    kafka: Kafka, make_settings, make_client, topic
-) -> None:
-    client = await make_client(make_settings(delivery_dedup_window_s=300))
-    first = await client.post("/vod/callback", json=sample_event("dup"))
-    again = await client.post("/vod/callback", json=sample_event("dup"))
-    changed = await client.post("/vod/callback", json=sample_event("dup", Status="PROCESSING"))
+@pytest.mark.vod_bridge(delivery_dedup_window_s=300)
+def test_repeat_within_window_is_answered_but_not_published(vod_bridge: VodBridge) -> None:
+    first = vod_bridge.post(sample_event("dup"))
+    again = vod_bridge.post(sample_event("dup"))
+    changed = vod_bridge.post(sample_event("dup", Status="PROCESSING"))
     # The black-box case: same TaskId and Status, different content -> a different event.
-    corrected = await client.post("/vod/callback", json=sample_event("dup", Message="corrected"))
+    corrected = vod_bridge.post(sample_event("dup", Message="corrected"))
     assert [first.status, again.status, changed.status, corrected.status] == [200, 200, 200, 200]
-    assert [(await r.json())["status"] for r in (first, again, changed, corrected)] == [
+    assert [answer.body["status"] for answer in (first, again, changed, corrected)] == [
         "published",
         "duplicate",
         "published",
         "published",
     ]
-    records = await read_records(kafka.bootstrap_servers, topic, count=3, settle_s=1.0)
-    assert len(records) == 3
-    assert [value_of(r)["PullCompleteEvent"].get("Message") for r in records] == ["SUCCESS", "SUCCESS", "corrected"]
+    records = vod_bridge.records(3)
+    assert [r.json()["PullCompleteEvent"].get("Message") for r in records] == ["SUCCESS", "SUCCESS", "corrected"]
+    vod_bridge.assert_no_records(within_s=1.0)
 
 
 @pytest.mark.integration
