@@ -335,7 +335,7 @@ def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
         task = asyncio.create_task(
             # Dead letters too: in dev, a body the bridge could not key is worth seeing at once.
             tail(
-                broker.bootstrap_servers,
+                settings.kafka,
                 {*event_topics(settings), settings.delivery.dead_letter_topic},
                 out=sys.stdout,
                 from_beginning=True,
@@ -358,7 +358,7 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             tail(
-                settings.kafka.bootstrap_servers,
+                settings.kafka,
                 event_topics(settings),
                 out=sys.stdout,
                 event_type=args.event_type,

@@ -10,7 +10,9 @@ from typing import IO, Any
 import msgspec
 from aiokafka import AIOKafkaConsumer
 
+from bridge.config import KafkaSettings
 from bridge.delivery import records
+from bridge.delivery.kafka import connection_options
 
 
 def format_record(record: Any, *, pretty: bool = True) -> str:
@@ -38,7 +40,7 @@ def matches(record: Any, *, event_type: str | None, key: str | None) -> bool:
 
 
 async def tail(
-    bootstrap_servers: str,
+    kafka: KafkaSettings,
     topics: Iterable[str],
     *,
     out: IO[str],
@@ -48,10 +50,11 @@ async def tail(
     pretty: bool = True,
     max_records: int | None = None,
 ) -> int:
-    """Print matching records as they arrive until cancelled (or ``max_records``); returns how many."""
+    """Print matching records as they arrive until cancelled (or ``max_records``); returns how many. Connects as
+    the producer does (``kafka``'s bootstrap servers, SASL and TLS)."""
     consumer = AIOKafkaConsumer(
         *sorted(set(topics)),
-        bootstrap_servers=bootstrap_servers,
+        **connection_options(kafka),
         auto_offset_reset="earliest" if from_beginning else "latest",
         enable_auto_commit=False,
     )

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 from types import SimpleNamespace
 
+import pytest
+from aiokafka import AIOKafkaProducer
+from conftest import Kafka
+
+from bridge.config import KafkaSettings
 from bridge.delivery.records import dead_letter_headers, event_headers
-from bridge.ops.tail import format_record
+from bridge.ops.tail import format_record, tail
 from bridge.vod.decode import decode_event
 
 BODY = b'{"EventType":"PullComplete","PullCompleteEvent":{"TaskId":"t-1"}}'
@@ -31,3 +38,19 @@ def test_a_dead_letter_says_why() -> None:
     record = SimpleNamespace(topic="vod.events.dlq", partition=0, offset=0, key=None, value=b"{}", headers=headers)
     summary = format_record(record).split("\n", 1)[0]
     assert summary.endswith("key=- type=- source=pull dead-letter=missing_key")
+
+
+@pytest.mark.integration
+async def test_tail_prints_what_lands_on_the_topic(kafka: Kafka, topic: str) -> None:
+    settings = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic=topic, enable_idempotence=False)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, BODY, key=b"t-1", headers=[("event-type", b"PullComplete")])
+    finally:
+        await producer.stop()
+    out = io.StringIO()
+    shown = await asyncio.wait_for(tail(settings, [topic], out=out, from_beginning=True, max_records=1), 20)
+    assert shown == 1
+    summary = out.getvalue().split("\n", 1)[0]
+    assert f" {topic}[" in summary and "key=t-1 type=PullComplete" in summary
