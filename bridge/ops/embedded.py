@@ -59,6 +59,9 @@ class EmbeddedBroker:
             [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own process group: a Ctrl-C in the terminal of `vod-bridge dev` reaches the bridge, which drains
+            # (flushes its producer, stops its record printer) and then stops the broker, rather than both at once.
+            process_group=0,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
