@@ -8,7 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,7 @@ def create_app(
     app = web.Application(client_max_size=http.max_body_bytes, middlewares=[error_middleware])
     app[COMPONENTS] = components
     if metrics.multiprocess_dir is not None:
-        app.cleanup_ctx.append(_gauge_refresh_ctx(metrics))
+        app.cleanup_ctx.append(_background_ctx("metrics-gauge-refresh", lambda: _refresh_gauges(metrics)))
     app.cleanup_ctx.append(_kafka_sink_ctx(components, on_fatal))
     if settings.spool.dir is not None:
         app.cleanup_ctx.append(_spool_ctx(components, Path(settings.spool.dir), on_fatal))
@@ -133,7 +133,8 @@ def create_app(
         assert credentials is not None
         app.cleanup_ctx.append(_poller_ctx(components, credentials, tracer, on_fatal))
     if tls is not None and http.tls_reload_interval_s > 0:
-        app.cleanup_ctx.append(_tls_watch_ctx(tls, http.tls_reload_interval_s))
+        interval_s = http.tls_reload_interval_s
+        app.cleanup_ctx.append(_background_ctx("tls-watch", lambda: tls.watch(interval_s)))
     app.on_shutdown.append(_stop_background)
     if settings.callback_enabled:
         source_filter = SourceFilter(parse_networks(http.allowed_cidrs), parse_networks(http.trusted_proxies))
@@ -161,20 +162,25 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _gauge_refresh_ctx(metrics: Metrics) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def gauge_refresh(app: web.Application) -> AsyncIterator[None]:
-        async def refresh() -> None:
-            while True:
-                metrics.refresh_gauges()
-                await asyncio.sleep(GAUGE_REFRESH_INTERVAL_S)
+def _background_ctx(
+    name: str, run: Callable[[], Coroutine[Any, Any, None]]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that runs ``run()`` as a task for the app's lifetime and cancels it at cleanup."""
 
-        task = asyncio.create_task(refresh(), name="metrics-gauge-refresh")
+    async def background(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(run(), name=name)
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    return gauge_refresh
+    return background
+
+
+async def _refresh_gauges(metrics: Metrics) -> None:
+    while True:
+        metrics.refresh_gauges()
+        await asyncio.sleep(GAUGE_REFRESH_INTERVAL_S)
 
 
 def _kafka_sink_ctx(c: Components, on_fatal: FatalHandler) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -265,17 +271,6 @@ def _spool_ctx(
         await async_spool.close()
 
     return spool
-
-
-def _tls_watch_ctx(tls: ServerTls, interval_s: float) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def tls_watch(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(tls.watch(interval_s), name="tls-watch")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    return tls_watch
 
 
 async def reload_on_sighup(app: web.Application) -> AsyncIterator[None]:
