@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple
 
 import msgspec
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, libversion
@@ -32,12 +32,12 @@ from bridge.delivery.records import Headers
 from bridge.delivery.sink import Ack
 from bridge.errors import ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
 from bridge.ops.metrics import Metrics
+from bridge.threads import DaemonCalls
 
 logger = logging.getLogger(__name__)
 #: librdkafka's own log lines (connection failures, broker state), like aiokafka's under ``aiokafka``.
 client_logger = logging.getLogger("librdkafka")
 
-T = TypeVar("T")
 
 #: How long one ``poll`` blocks when nothing happens: the poll thread notices a stop within this. A delivery
 #: report ends the wait at once, so this costs no latency; idle, it is 10 wake-ups a second.
@@ -165,9 +165,8 @@ class LibrdkafkaSink:
         self._reports: collections.deque[tuple[asyncio.Future[Ack], KafkaError | None, Message]] = collections.deque()
         self._polling: threading.Thread | None = None
         self._stop_polling = threading.Event()
-        #: Threads in a blocking librdkafka call (list_topics, flush): the handle is not destroyed under them.
-        self._calls: set[threading.Thread] = set()
-        self._calls_lock = threading.Lock()
+        #: Blocking librdkafka calls (list_topics, flush): the handle is not destroyed under them.
+        self._calls = DaemonCalls()
         #: Set once librdkafka holds a producer id (idempotence), or has failed for good.
         self._pid_settled = asyncio.Event()
         self._fatal: ProducerFatalError | None = None
@@ -257,7 +256,7 @@ class LibrdkafkaSink:
     async def _probe(self, producer: Producer, timeout_s: float) -> str | None:
         """None once the cluster answered a metadata request (and the producer id is there), else why not."""
         try:
-            await self._blocking(functools.partial(producer.list_topics, timeout=timeout_s), name="librdkafka-connect")
+            await self._calls.run(functools.partial(producer.list_topics, timeout=timeout_s), name="librdkafka-connect")
         except KafkaException as exc:
             return self._last_error or exc.args[0].str()
         if not self._settings.enable_idempotence:
@@ -322,7 +321,7 @@ class LibrdkafkaSink:
             return 0
         timeout_s = self._settings.publish_timeout_s if flush_timeout_s is None else flush_timeout_s
         held: list[int] = []
-        shutting_down = self._blocking(
+        shutting_down = self._calls.run(
             functools.partial(self._shut_down, producer, timeout_s, held), name="librdkafka-close"
         )
         try:
@@ -353,8 +352,9 @@ class LibrdkafkaSink:
         producer.flush(timeout_s)
         held.append(len(producer))
         self._stop_polling.set()
-        with self._calls_lock:
-            others = [t for t in (self._polling, *self._calls) if t is not None and t is not threading.current_thread()]
+        others = [
+            t for t in (self._polling, *self._calls.running()) if t is not None and t is not threading.current_thread()
+        ]
         for thread in others:
             thread.join(max(0.0, joined_by - time.monotonic()))
         # Purged records get a delivery report (_PURGE_QUEUE/_PURGE_INFLIGHT), so no send waits for ever.
@@ -450,28 +450,6 @@ class LibrdkafkaSink:
         if was_ready and self._on_fatal is not None:
             self._on_fatal(self._fatal)
 
-    def _blocking(self, call: Callable[[], T], *, name: str) -> asyncio.Future[T]:
-        """Run a blocking librdkafka call on a daemon thread; the future resolves on the loop."""
-        assert self._loop is not None
-        result: asyncio.Future[T] = self._loop.create_future()
-
-        def run() -> None:
-            try:
-                outcome = call()
-            except BaseException as exc:
-                self._call_soon(_set_exception, result, exc)
-            else:
-                self._call_soon(_set_result, result, outcome)
-            finally:
-                with self._calls_lock:
-                    self._calls.discard(threading.current_thread())
-
-        thread = threading.Thread(target=run, name=name, daemon=True)
-        with self._calls_lock:
-            self._calls.add(thread)
-        thread.start()
-        return result
-
 
 def _ack(message: Message) -> Delivered:
     partition, offset = message.partition(), message.offset()
@@ -503,13 +481,3 @@ def _syslog_level(target: logging.Logger) -> int:
 def _expire(delivery: asyncio.Future[Ack], topic: str, timeout_s: float) -> None:
     if not delivery.done():  # else the report came first (or the sender was cancelled): nothing to fail
         delivery.set_exception(PublishFailed(f"no Kafka ack within {timeout_s:g}s for topic {topic}", cause="timeout"))
-
-
-def _set_result(future: asyncio.Future[T], value: T) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)

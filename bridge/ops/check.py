@@ -28,11 +28,10 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal
 
 import aiohttp
 import msgspec
@@ -46,11 +45,11 @@ from bridge.delivery.kafka import connection_options
 from bridge.delivery.spool import SpoolError, SpoolInUse, probe_lock, spool_dirs
 from bridge.errors import BridgeError
 from bridge.ops.metrics import Metrics
+from bridge.threads import DaemonCalls
 from bridge.vod.api import Credentials, VodApiError, VodClient, VodTransportError
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 CheckStatus = Literal["ok", "warn", "fail", "skip"]
 
@@ -450,7 +449,7 @@ async def _spool_checks(
     for directory in directories:
         name = f"spool {directory}"
         probe = functools.partial(check_spool_dir, directory, max_bytes)
-        emit(await _bounded(name, timeout_s, _in_daemon_thread(probe)))
+        emit(await _bounded(name, timeout_s, DaemonCalls().run(probe, name="check-spool")))
 
 
 def check_spool_dir(directory: Path, max_bytes: int) -> CheckResult:
@@ -498,30 +497,3 @@ def _with_room(name: str, directory: Path, max_bytes: int, detail: str) -> Check
             name, "warn", f"{detail}; {free // mib} MiB free, less than BRIDGE_SPOOL_MAX_BYTES ({max_bytes // mib} MiB)"
         )
     return CheckResult(name, "ok", f"{detail}, {free // mib} MiB free")
-
-
-async def _in_daemon_thread(call: Callable[[], T]) -> T:
-    """Run blocking ``call`` on a daemon thread: a hung file system cannot hold up the run's end (a thread of the
-    default executor would: ``asyncio.run`` waits for them)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def run() -> None:
-        try:
-            outcome: tuple[T | None, BaseException | None] = (call(), None)
-        except BaseException as exc:  # handed to the awaiting coroutine
-            outcome = (None, exc)
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
-            loop.call_soon_threadsafe(_settle, done, *outcome)
-
-    threading.Thread(target=run, name="check-spool", daemon=True).start()
-    return await done
-
-
-def _settle(done: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
-    if done.done():  # cancelled by the check's timeout
-        return
-    if error is not None:
-        done.set_exception(error)
-    else:
-        done.set_result(result)  # type: ignore[arg-type]  # None only alongside an error
