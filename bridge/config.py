@@ -453,6 +453,19 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str] | Non
     return settings
 
 
+def secret_values(settings: Settings) -> list[str]:
+    """The set values of every setting ``ENV_VARS`` marks secret: what no output may show."""
+    values: list[str] = []
+    for var in ENV_VARS:
+        if var.secret:
+            value: object = settings
+            for part in var.path.split("."):
+                value = getattr(value, part)
+            if isinstance(value, str) and value:
+                values.append(value)
+    return values
+
+
 def render_settings_table() -> str:
     """The README's configuration table: every variable, its default and its meaning, from ``ENV_VARS``."""
     defaults = msgspec.to_builtins(Settings())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.config import ENV_VARS, load_settings, render_settings_table
+from bridge.config import ENV_VARS, load_settings, render_settings_table, secret_values
 from bridge.errors import ConfigError
 
 
@@ -176,3 +176,17 @@ def test_a_token_of_digits_only_is_refused_since_it_would_read_as_a_sub_app_id()
         load_settings({"BRIDGE_CALLBACK_TOKEN": digits})
     assert digits not in str(info.value)
     assert load_settings({"BRIDGE_CALLBACK_TOKEN": digits + "x"}).http.token == digits + "x"
+
+
+def test_secret_values_are_the_set_values_of_every_secret_setting() -> None:
+    settings = load_settings(
+        {
+            "BRIDGE_KAFKA_SASL_MECHANISM": "PLAIN",
+            "BRIDGE_KAFKA_SASL_USERNAME": "bridge",
+            "BRIDGE_KAFKA_SASL_PASSWORD": "sasl-pass-123",
+            "BRIDGE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "BRIDGE_CALLBACK_TOKEN": "token-abcdefghijklmnop",
+        }
+    )
+    assert sorted(secret_values(settings)) == ["sasl-pass-123", "token-abcdefghijklmnop"]
+    assert {var.path for var in ENV_VARS if var.secret} >= {"kafka.sasl_password", "http.sign_key", "http.token"}

@@ -39,7 +39,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, for_code
 
-from bridge.config import KafkaSettings, PollerSettings, Settings
+from bridge.config import KafkaSettings, PollerSettings, Settings, secret_values
 from bridge.delivery.clients import make_sink
 from bridge.delivery.kafka import connection_options
 from bridge.delivery.spool import SpoolError, SpoolInUse, probe_lock, spool_dirs
@@ -103,10 +103,10 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 def configured_secrets(settings: Settings, credentials: Credentials | None) -> list[str]:
     """Every secret value the configuration holds: what no check may ever print."""
-    values = [settings.kafka.sasl_password, settings.http.sign_key, settings.http.token]
+    values = secret_values(settings)
     if credentials is not None:
-        values += [credentials.secret_key, credentials.token]
-    return [value for value in values if value]
+        values += [value for value in (credentials.secret_key, credentials.token) if value]
+    return values
 
 
 def describe_configuration(settings: Settings) -> str:
