@@ -122,24 +122,12 @@ async def scrape(port: int, session: aiohttp.ClientSession | None = None) -> dic
     return totals
 
 
-def received_by_worker(metrics_dir: Path) -> list[float]:
-    """Events each worker counted, from its own counter file."""
+def by_worker(metrics_dir: Path, files: str, name: str) -> list[float]:
+    """Sample ``name`` in each worker's own file of kind ``files`` (``counter``, ``gauge_livesum``, ...), summed
+    over its labels: what each worker wrote, before a scrape combines them."""
     return [
-        sum(
-            s.value
-            for m in MultiProcessCollector.merge([str(f)])
-            for s in m.samples
-            if s.name == "vod_bridge_events_received_total"
-        )
-        for f in sorted(metrics_dir.glob("counter_*.db"))
-    ]
-
-
-def ready_by_worker(metrics_dir: Path) -> list[float]:
-    """Each started worker's own ``vod_bridge_ready``, from its gauge file (refreshed every second)."""
-    return [
-        sum(s.value for m in MultiProcessCollector.merge([str(f)]) for s in m.samples if s.name == "vod_bridge_ready")
-        for f in sorted(metrics_dir.glob("gauge_livemin_*.db"))
+        sum(s.value for m in MultiProcessCollector.merge([str(f)]) for s in m.samples if s.name == name)
+        for f in sorted(metrics_dir.glob(f"{files}_*.db"))
     ]
 
 
@@ -151,7 +139,7 @@ async def wait_workers_ready(tmp_dir: Path, count: int) -> Path:
 
     def all_ready() -> bool:
         found[:] = tmp_dir.glob("vod-bridge-metrics-*")
-        return len(found) == 1 and ready_by_worker(found[0]).count(1.0) == count
+        return len(found) == 1 and by_worker(found[0], "gauge_livemin", "vod_bridge_ready").count(1.0) == count
 
     await wait_until(all_ready, timeout_s=20)
     return found[0]
@@ -187,7 +175,7 @@ async def test_two_workers_share_the_port_and_one_scrape_counts_them_all(
         records = await read_records(kafka.bootstrap_servers, topic, count=len(keys))
         assert sorted(r.key.decode() for r in records) == sorted(keys)
 
-        per_worker = received_by_worker(metrics_dir)
+        per_worker = by_worker(metrics_dir, "counter", "vod_bridge_events_received_total")
         assert len(per_worker) == 2 and all(per_worker) and sum(per_worker) == len(keys), per_worker
         # The gauges of the worker not answering are refreshed every second: wait for in-flight to settle at 0
         # and readiness at 1 (each worker's first refresh may predate its producer's connection).
@@ -217,14 +205,6 @@ async def test_two_workers_share_the_port_and_one_scrape_counts_them_all(
     assert "using uvloop" in log
 
 
-def gauge_by_worker(metrics_dir: Path, name: str) -> list[float]:
-    """The value of the live-summed gauge ``name`` in each worker's own file."""
-    return [
-        sum(s.value for m in MultiProcessCollector.merge([str(f)]) for s in m.samples if s.name == name)
-        for f in sorted(metrics_dir.glob("gauge_livesum_*.db"))
-    ]
-
-
 @pytest.mark.integration
 async def test_publishes_in_flight_on_every_worker_add_up_in_one_scrape(topic: str, tmp_path: Path) -> None:
     (tmp_path / "tmp").mkdir()
@@ -248,7 +228,8 @@ async def test_publishes_in_flight_on_every_worker_add_up_in_one_scrape(topic: s
 
                 # Both producers connected and holding the topic's metadata before the acks are held.
                 warm_up = 0
-                while len(counts := received_by_worker(metrics_dir)) < 2 or not all(counts):
+                received = "vod_bridge_events_received_total"
+                while len(counts := by_worker(metrics_dir, "counter", received)) < 2 or not all(counts):
                     assert await post(f"warm-{warm_up}") == 200
                     warm_up += 1
                     assert warm_up < 50, "the kernel never spread the connections over both workers"
@@ -260,7 +241,7 @@ async def test_publishes_in_flight_on_every_worker_add_up_in_one_scrape(topic: s
                     while (await scrape(bridge.port, scraper))["vod_bridge_publish_in_flight"] < len(callbacks):
                         await asyncio.sleep(0.05)
                     assert (await scrape(bridge.port, scraper))["vod_bridge_publish_in_flight"] == len(callbacks)
-                per_worker = gauge_by_worker(metrics_dir, "vod_bridge_publish_in_flight")
+                per_worker = by_worker(metrics_dir, "gauge_livesum", "vod_bridge_publish_in_flight")
                 assert all(per_worker) and sum(per_worker) == len(callbacks), per_worker
                 assert not any(callback.done() for callback in callbacks)
                 broker.release()
