@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit schemas bench clean
+.PHONY: run test faults lint unit schemas bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/faults
+
+# The fault-injection suite (tests/faults): real resets, blackholes and full disks in a private network and mount
+# namespace (tests/faults/run; root, as in CI). iptables comes from Debian, installed here when missing.
+faults: $(STAMP)
+	@command -v iptables >/dev/null || [ "$$(id -u)" -ne 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null; }
+	tests/faults/run $(FAULTS_ARGS)
 
 # The benchmark (docs/performance.md): ~1.5 minutes; pass options with BENCH_ARGS='--duration 8 --workers 2'.
 $(VENV)/.bench-installed: $(STAMP) pyproject.toml constraints.txt
