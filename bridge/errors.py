@@ -7,6 +7,7 @@ calls the library, so callers only ever handle ``BridgeError``.
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 
 class BridgeError(Exception):
@@ -26,6 +27,21 @@ class ConfigError(BridgeError):
     code = "config_error"
 
 
+#: Every ``InvalidPayload.reason`` the bridge raises itself (a body it cannot read at all); a decoded body without a
+#: usable key adds the ``UndecodableReason`` values of :mod:`bridge.vod.model`. Metrics declare each one at 0.
+INVALID_PAYLOAD_REASONS: Final = (
+    "invalid_payload",
+    "invalid_utf8",
+    "malformed_json",
+    "not_an_object",
+    "too_deep",
+    "empty_body",
+    "unreadable_body",
+)
+#: Every ``AuthFailed.reason``.
+AUTH_FAILED_REASONS: Final = ("missing_signature", "bad_signature", "expired", "t_too_far_ahead", "bad_token")
+
+
 class InvalidPayload(BridgeError):
     """The request body is not a VOD event we can publish (bad JSON, wrong shape, missing id)."""
 
@@ -34,7 +50,7 @@ class InvalidPayload(BridgeError):
 
     def __init__(self, message: str, *, reason: str = "invalid_payload") -> None:
         super().__init__(message)
-        #: A short, bounded label (``malformed_json``, ``missing_key``, ...) used for metrics.
+        #: A short, bounded label used for metrics: :data:`INVALID_PAYLOAD_REASONS` or an ``UndecodableReason``.
         self.reason = reason
 
 
@@ -70,7 +86,7 @@ class AuthFailed(Unauthorized):
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
-        #: Bounded label for metrics: missing_signature, bad_signature, expired, t_too_far_ahead, bad_token.
+        #: Bounded label for metrics: one of :data:`AUTH_FAILED_REASONS`.
         self.reason = reason
 
 

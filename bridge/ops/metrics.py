@@ -6,7 +6,8 @@ live in memory-mapped files in a directory shared by the workers, and ``/metrics
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -14,8 +15,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from bridge.errors import ConfigError
+from bridge.errors import (
+    AUTH_FAILED_REASONS,
+    INVALID_PAYLOAD_REASONS,
+    BodyTimeout,
+    ConfigError,
+    Forbidden,
+    PayloadTooLarge,
+    UnsupportedEncoding,
+)
 from bridge.vod.event_types import EVENT_TYPES
+from bridge.vod.model import FALLBACK_REASONS, UNDECODABLE_REASONS
 
 #: Unknown EventTypes are caller-controlled strings; they share one label value to bound cardinality.
 OTHER_EVENT_TYPE: Final = "other"
@@ -27,6 +37,28 @@ MULTIPROCESS_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 #: How often a worker copies the gauges it reads on demand (:meth:`Metrics.feed`) into its file: a scrape
 #: answered by another worker sees them at most this old.
 GAUGE_REFRESH_INTERVAL_S: Final = 1.0
+
+
+#: The ``source`` label values (``bridge.delivery.records.Source``).
+SOURCES: Final = ("callback", "pull")
+#: Every reason a callback is refused with (``vod_bridge_events_rejected_total``): before its body is decoded
+#: (the error codes; ``client_disconnected`` is ``bridge.sources.http.ClientGone``), for an unreadable body, for a
+#: failed signature or token, and, with ``BRIDGE_CALLBACK_INVALID=reject``, for a body without a usable key.
+REJECT_REASONS: Final = (
+    Forbidden.code,
+    PayloadTooLarge.code,
+    UnsupportedEncoding.code,
+    BodyTimeout.code,
+    "client_disconnected",
+    *INVALID_PAYLOAD_REASONS,
+    *AUTH_FAILED_REASONS,
+    *sorted(UNDECODABLE_REASONS),
+)
+#: Why a record went to the dead-letter topic: a body without a usable key, a spooled record Kafka refused for good,
+#: a spooled record this version cannot read (``bridge.delivery.forwarder``).
+DEAD_LETTER_REASONS: Final = (*sorted(UNDECODABLE_REASONS), "kafka_refused", "spool_format")
+#: The causes of ``vod_bridge_publish_failures_total`` known in advance; a Kafka error adds its class name.
+PUBLISH_FAILURE_CAUSES: Final = ("timeout", "not_ready", "overloaded", "spool")
 
 
 def event_type_label(event_type: str) -> str:
@@ -155,6 +187,28 @@ class Metrics:
             registry=r,
         )
         self.tls_reloads = Counter("vod_bridge_tls_reloads", "TLS certificate reloads", ["outcome"], registry=r)
+        self._declare_known_series()
+
+    def _declare_known_series(self) -> None:
+        """Create every series whose label values are known in advance, at 0.
+
+        A labelled family shows nothing until its first child exists: a dashboard would say "No data" where 0 is
+        true, and ``increase()`` would miss the first event. Declared here, each series is in the first scrape, in
+        one process and (its file written at once) with ``--workers``. Label values that depend on the deployment
+        (the poller's SubAppIds) are declared where they become known; Kafka error classes and VOD API codes are not
+        known in advance.
+        """
+        event_types = [*EVENT_TYPES, OTHER_EVENT_TYPE]
+        for source, event_type in itertools.product(SOURCES, event_types):
+            self._child(self.received, source, event_type)
+            self._child(self.published, source, event_type)
+        _declare(self.rejected, ["callback"], REJECT_REASONS)
+        _declare(self.duplicates, SOURCES)
+        _declare(self.dead_lettered, SOURCES, DEAD_LETTER_REASONS)
+        _declare(self.publish_failed, SOURCES, PUBLISH_FAILURE_CAUSES)
+        _declare(self.spooled, SOURCES)
+        _declare(self.fallbacks, SOURCES, sorted(FALLBACK_REASONS))
+        _declare(self.tls_reloads, ["ok", "failed"])
 
     def count_received(self, source: str, event_type: str) -> None:
         (self._received.get((source, event_type)) or self._child(self.received, source, event_type)).inc()
@@ -192,3 +246,9 @@ class Metrics:
         # The worker answering sees its own fed gauges exactly; the other workers' at most a refresh old.
         self.refresh_gauges()
         return generate_latest(self._scraped)
+
+
+def _declare(counter: Counter, *label_values: Iterable[str]) -> None:
+    """Create ``counter``'s child for every combination of ``label_values`` (one sequence per label)."""
+    for labels in itertools.product(*label_values):
+        counter.labels(*labels)

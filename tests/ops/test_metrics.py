@@ -3,6 +3,7 @@ function, the readiness gauge, and the multiprocess mode of ``--workers N`` (one
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,15 +14,20 @@ from prometheus_client import values
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
+import bridge
 from bridge.config import SpoolSettings
 from bridge.errors import ConfigError
 from bridge.ops.embedded import free_port
-from bridge.ops.metrics import MULTIPROCESS_DIR_ENV, Metrics
+from bridge.ops.metrics import MULTIPROCESS_DIR_ENV, REJECT_REASONS, Metrics
+from bridge.sources.http import ClientGone
+from bridge.vod.event_types import EVENT_TYPES
+from bridge.vod.model import FALLBACK_REASONS
 
 
 def samples(metrics: Metrics, name: str) -> dict[tuple[str, str], float]:
+    """The series of ``name`` that counted something (every known series exists from the start, at 0)."""
     (family,) = [f for f in text_string_to_metric_families(metrics.render().decode()) if f.name == name]
-    return {(s.labels["source"], s.labels["event_type"]): s.value for s in family.samples}
+    return {(s.labels["source"], s.labels["event_type"]): s.value for s in family.samples if s.value}
 
 
 def gauge(metrics: Metrics, name: str) -> float:
@@ -52,12 +58,64 @@ def test_counts_land_on_their_labels_and_unknown_types_share_other() -> None:
 
 def test_caller_controlled_types_do_not_grow_the_cache() -> None:
     metrics = Metrics()
+    sizes = len(metrics._received), len(metrics._published)
     for i in range(1000):
         metrics.count_received("callback", f"forged-{i}")
         metrics.count_published("callback", f"forged-{i}")
     metrics.count_received("callback", "PullComplete")
-    assert len(metrics._received) == 2 and len(metrics._published) == 1
+    assert (len(metrics._received), len(metrics._published)) == sizes
     assert samples(metrics, "vod_bridge_events_received")[("callback", "other")] == 1000
+
+
+def series(text: str) -> dict[str, set[tuple[tuple[str, str], ...]]]:
+    """Every sample of a scrape by family name: the set of its label sets."""
+    found: dict[str, set[tuple[tuple[str, str], ...]]] = {}
+    for family in text_string_to_metric_families(text):
+        found.setdefault(family.name, set()).update(tuple(sorted(s.labels.items())) for s in family.samples)
+    return found
+
+
+def test_every_known_series_is_in_the_first_scrape_at_zero() -> None:
+    """Dashboards and increase() need the series before the first event: each known label value is there at 0."""
+    metrics = Metrics()
+    text = metrics.render().decode()
+    found = series(text)
+    rejected = {dict(labels)["reason"] for labels in found["vod_bridge_events_rejected"]}
+    assert rejected == set(REJECT_REASONS)
+    assert {dict(labels)["source"] for labels in found["vod_bridge_events_duplicate"]} == {"callback", "pull"}
+    assert {dict(labels)["source"] for labels in found["vod_bridge_events_spooled"]} == {"callback", "pull"}
+    dead = {(dict(labels)["source"], dict(labels)["reason"]) for labels in found["vod_bridge_events_dead_lettered"]}
+    assert ("pull", "missing_key") in dead and ("callback", "kafka_refused") in dead
+    fallback = {dict(labels)["reason"] for labels in found["vod_bridge_events_fallback"]}
+    assert fallback == set(FALLBACK_REASONS)
+    assert len(found["vod_bridge_events_received"]) == 2 * (len(EVENT_TYPES) + 1)
+    assert ("callback", "PullComplete") in samples_with_zero(text, "vod_bridge_events_published")
+    # ...and all of them at 0.
+    assert all(
+        sample.value == 0
+        for family in text_string_to_metric_families(text)
+        if family.type == "counter"
+        for sample in family.samples
+    )
+
+
+def samples_with_zero(text: str, name: str) -> set[tuple[str, str]]:
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == name]
+    return {(s.labels["source"], s.labels["event_type"]) for s in family.samples}
+
+
+#: ``InvalidPayload(...reason="x")`` or ``AuthFailed(...)``, over lines and through one level of parentheses.
+RAISED_REASON = re.compile(r"(?:InvalidPayload|AuthFailed)\((?:[^()]|\([^()]*\))*?reason=\"([a-z_]+)\"")
+
+
+def test_every_reason_the_code_refuses_with_is_declared() -> None:
+    """The reasons raised in the source are the ones declared: a new reason cannot start without its series."""
+    raised: set[str] = {ClientGone.code}
+    for path in Path(bridge.__file__).parent.rglob("*.py"):
+        for match in RAISED_REASON.finditer(path.read_text()):
+            raised.add(match.group(1))
+    assert raised <= set(REJECT_REASONS)
+    assert {"bad_token", "malformed_json", "empty_body", "t_too_far_ahead"} <= raised  # the scan finds them
 
 
 def test_multiprocess_mode_needs_prometheus_client_started_in_it(tmp_path: Path) -> None:
@@ -130,6 +188,9 @@ def test_one_scrape_covers_every_worker_and_combines_the_gauges(
     assert totals["vod_bridge_publish_in_flight"] == 2 + 5
     assert totals["vod_bridge_spool_depth"] == 4 + 6
     assert totals["vod_bridge_kafka_connected"] == 0
+    # Families nothing has counted yet are there too, at 0 (dashboards show 0, not "No data").
+    for name in ("dead_lettered", "duplicate", "fallback", "rejected", "spooled"):
+        assert totals[f"vod_bridge_events_{name}_total"] == 0, name
     second.kafka_connected.set(1)
     first_in_flight[0] = 0
     assert scrape(first)["vod_bridge_kafka_connected"] == 1
