@@ -192,9 +192,10 @@ def _kafka_sink_ctx(c: Components, on_fatal: FatalHandler) -> Callable[[web.Appl
         connecting.cancel()
         with contextlib.suppress(asyncio.CancelledError, BridgeError):
             await connecting
-        # Bounded by the publish timeout whatever Kafka does; what it gives up on is logged and makes the
-        # process exit non-zero (bridge.cli).
-        await c.sink.close()
+        # Bounded by the publish timeout whatever Kafka does; what it gives up on was never acknowledged to anyone:
+        # logged, counted, and a clean exit all the same (bridge.cli).
+        if abandoned := await c.sink.close():
+            c.metrics.abandoned.inc(abandoned)
 
     return kafka_sink
 

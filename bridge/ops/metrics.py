@@ -187,6 +187,12 @@ class Metrics:
             registry=r,
         )
         self.tls_reloads = Counter("vod_bridge_tls_reloads", "TLS certificate reloads", ["outcome"], registry=r)
+        self.abandoned = Counter(
+            "vod_bridge_producer_abandoned",
+            "Records the producer still held, unacknowledged, when its bounded flush at shutdown gave up (none was "
+            "answered 200 or confirmed)",
+            registry=r,
+        )
         self._declare_known_series()
 
     def _declare_known_series(self) -> None:

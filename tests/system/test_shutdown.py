@@ -65,9 +65,10 @@ async def test_sigterm_with_kafka_gone_ends_within_the_bound_and_reports_the_aba
         cluster.kill()
     log = bridge.logfile.read_text()
     assert elapsed_s < SHUTDOWN_S + PUBLISH_S + SLACK_S, f"exit took {elapsed_s:.1f}s\n{log[-3000:]}"
-    assert code == 3, "records were abandoned: the exit says so"
+    # The abandoned record's sender was answered 503: nothing acknowledged was lost, so the stop is not a failure.
+    assert code == 0, f"a clean stop, abandoned records and all\n{log[-3000:]}"
     assert "abandoned 1 unacknowledged records" in log
-    assert "stopped with 1 records Kafka never acknowledged" in log
+    assert re.search(r"WARNING .*stopped with 1 records Kafka never acknowledged; none was answered 200", log), log
 
 
 async def test_sigterm_while_the_producer_is_still_connecting(topic: str, tmp_path: Path) -> None:
