@@ -176,6 +176,11 @@ def _sync_dir(path: Path, sync: SyncStep) -> None:
         os.close(fd)
 
 
+def _create_file(path: Path) -> int:
+    """Create ``path`` (it must not exist) and return a read-write descriptor."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -449,7 +454,7 @@ class Spool:
             if active is None or expected_first != last_seq + 1 or not clean_tail:
                 # Start a fresh segment so sequence numbers inside each file stay contiguous.
                 active = _Segment(first_seq=last_seq + 1, path=directory / segment_name(last_seq + 1))
-                active.fd = os.open(active.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                active.fd = _create_file(active.path)
                 if sync is not None:
                     _sync_dir(directory, sync)
                 segments.append(active)
@@ -759,7 +764,7 @@ class Spool:
         """Create and activate a new segment; the caller holds ``_write_lock``."""
         path = self._dir / segment_name(first_seq)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = _create_file(path)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull(f"no space left for a new spool segment: {exc}") from exc
@@ -998,7 +1003,7 @@ class Spool:
         self._cursor_slot = slot
 
     def _create_cursor(self, path: Path, seq: int, generation: int) -> int:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = _create_file(path)
         try:
             _pwrite_all(fd, encode_cursor_file(seq, generation), 0)
             if self._sync is not None:
@@ -1092,7 +1097,9 @@ def _set_aside(path: Path, data: bytes, start: int, end: int, *, sync: SyncStep 
             # The copy's name must be durable before the segment is cut.
             _sync_dir(path.parent, sync)
     except OSError as exc:
-        # Refuse to cut bytes we could not preserve.
+        # Refuse to cut bytes we could not preserve, and leave no partial copy that looks like a whole one.
+        with contextlib.suppress(OSError):
+            aside.unlink()
         raise SpoolError(f"cannot set aside corrupt bytes of {path.name} to {aside.name}: {exc}") from exc
     return aside.name
 
