@@ -127,7 +127,8 @@ class SpoolForwarder:
     ) -> int:
         """Append an event durably (fsync'ed) and return its sequence number.
 
-        Raises :class:`PublishFailed` (503) when the spool is full or unusable.
+        Raises :class:`SpoolNoRoom` (503 ``spool_full``) when the spool has no room for it, and
+        :class:`PublishFailed` (503) when it is unusable.
         """
         headers = event_headers(event, source=source, received_at=received_at, sub_app_id=sub_app_id)
         stored = SpooledEvent(
