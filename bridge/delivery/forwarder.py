@@ -323,13 +323,25 @@ def _write_refused(path: Path, value: bytes) -> None:
 
     A module function so tests can substitute a failing one. A partial file is removed: a retry writes it anew.
     """
-    path.parent.mkdir(exist_ok=True)
+    if not path.parent.is_dir():
+        path.parent.mkdir(exist_ok=True)
+        _fsync_dir(path.parent.parent)
     try:
         with path.open("wb") as out:
             out.write(value)
             out.flush()
             os.fsync(out.fileno())
+        # The name must be durable too: the record is committed (and leaves the spool) once this returns.
+        _fsync_dir(path.parent)
     except OSError:
         with contextlib.suppress(OSError):
             path.unlink()
         raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
