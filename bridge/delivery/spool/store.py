@@ -570,7 +570,7 @@ class Spool:
             )
         # Only bytes copied aside may be cut: the tail from the first defect after the last good record.
         tail_copied = not any(offset >= scan.good_end for offset in uncopied)
-        cut_to = scan.cut_at if scan.cut_at is not None else None
+        cut_to = scan.cut_at
         if is_last and scan.good_end < seg.size:
             # Everything after the last good record was reported and copied aside; appends go right after it.
             cut_to = scan.good_end
