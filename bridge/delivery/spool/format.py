@@ -7,7 +7,12 @@ On-disk layout of a spool directory:
 * ``<first_seq:020d>.seg`` -- segment files, a concatenation of records. The last one is the active segment.
 * ``cursor`` -- the highest committed (delivered) sequence number, overwritten in place (see below).
 * ``LOCK`` -- ``flock``'ed while a process has the spool open.
-* ``<segment>.corrupt-<offset>`` -- bytes that recovery cut out of a segment, kept for inspection.
+* ``<segment>.corrupt-<offset>`` -- bytes that recovery cut out of a segment, kept for inspection (on a full
+  disk, a last segment with no valid record is renamed to ``<segment>.corrupt-0`` instead of copied).
+* ``refused/<seq:020d>.record`` -- values that Kafka and the dead-letter topic both refused (the forwarder's).
+
+Segments are deleted once every record in them is committed; a commit also rolls away from a fully committed
+active segment (if it holds at least a quarter of a segment), so a drained spool is little more than ``cursor``.
 
 Record framing (little-endian)::
 
