@@ -249,7 +249,9 @@ def _spool_ctx(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def spool(app: web.Application) -> AsyncIterator[None]:
         settings = c.settings
-        store = await asyncio.to_thread(Spool.open, directory, max_bytes=settings.spool.max_bytes)
+        store = await asyncio.to_thread(
+            Spool.open, directory, max_bytes=settings.spool.max_bytes, min_free_bytes=settings.spool.min_free_bytes
+        )
         # Spool.open already logged each recovery problem (file, offset, reason) at WARNING.
         async_spool = AsyncSpool(store)
         forwarder = SpoolForwarder(

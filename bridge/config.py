@@ -169,7 +169,10 @@ class SpoolSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     #: Directory of the fsync'ed spool; unset means no spool (callbacks get 503 while Kafka is down).
     dir: str | None = None
+    #: Bound on the undelivered bytes in the spool; segments are 1/16 of it (64 KiB..64 MiB).
     max_bytes: int = 1024 * 1024 * 1024
+    #: Free space an append must leave on the spool's filesystem; None: 5% of the filesystem, at most 64 MiB.
+    min_free_bytes: int | None = None
     #: How long a callback waits for the Kafka ack before it is spooled instead.
     publish_budget_s: float = 2.0
 
@@ -342,7 +345,13 @@ ENV_VARS: Final = (
     EnvVar(
         "BRIDGE_SPOOL_MAX_BYTES",
         "spool.max_bytes",
-        "spool size bound; when full (and Kafka unavailable) callbacks get 503",
+        "bound on undelivered spooled bytes; when reached (and Kafka unavailable) callbacks get 503 `spool_full`",
+    ),
+    EnvVar(
+        "BRIDGE_SPOOL_MIN_FREE_BYTES",
+        "spool.min_free_bytes",
+        "free space a spool append must leave on its filesystem, else 503 `spool_full` (default: 5% of the"
+        " filesystem, at most 64 MiB; 0: none)",
     ),
     EnvVar(
         "BRIDGE_SPOOL_PUBLISH_BUDGET_S",
@@ -617,6 +626,10 @@ def validate_settings(settings: Settings) -> None:
     checks += [
         (settings.spool.max_bytes >= 1024 * 1024, "BRIDGE_SPOOL_MAX_BYTES: must be >= 1 MiB"),
         (settings.spool.publish_budget_s > 0, "BRIDGE_SPOOL_PUBLISH_BUDGET_S: must be > 0"),
+        (
+            settings.spool.min_free_bytes is None or settings.spool.min_free_bytes >= 0,
+            "BRIDGE_SPOOL_MIN_FREE_BYTES: must be >= 0",
+        ),
     ]
     checks += [
         (1 <= settings.workers <= 64, "BRIDGE_WORKERS: must be 1..64"),

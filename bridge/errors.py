@@ -113,6 +113,13 @@ class PublishFailed(BridgeError):
         self.cause = cause or self.code
 
 
+class SpoolNoRoom(PublishFailed):
+    """Kafka did not take the record and the spool has no room for it (its bound, or the disk's free-space
+    floor): not an outage of Kafka alone, so it has its own code and metric cause."""
+
+    code = "spool_full"
+
+
 class RecordTooLarge(PublishFailed):
     """Kafka refuses the record for its size: retrying cannot help, so this is a 413, not a 503."""
 

@@ -5,7 +5,11 @@ callback while older ones still wait in the spool, to keep their order) is appen
 and answered 200. :meth:`SpoolForwarder.run` drains the spool to Kafka in sequence order, now and after a
 restart, and commits (forgets) only what Kafka acknowledged. A record Kafka refuses for good (too large, an
 invalid or unauthorized topic) goes to the dead-letter topic; one that the dead-letter topic refuses too is
-copied to ``<spool>/refused/`` and logged: the queue behind it never wedges and nothing vanishes.
+copied to ``<spool>/refused/`` and logged: the queue behind it never wedges and nothing vanishes. If even that
+copy fails (a full disk), the record stays in the spool and is retried later.
+
+A full spool (its bound, or the disk's free-space floor) answers 503 ``spool_full``; a cursor that cannot be
+written is counted and logged, never fatal: forwarding goes on and a restart may re-send (at-least-once).
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from bridge.delivery.records import (
     undecodable_headers,
 )
 from bridge.delivery.sink import Sink
-from bridge.delivery.spool import AsyncSpool, SpoolError
-from bridge.errors import PublishFailed
+from bridge.delivery.spool import AsyncSpool, SpoolError, SpoolFull
+from bridge.errors import PublishFailed, SpoolNoRoom
 from bridge.ops.metrics import Metrics
 from bridge.vod.model import Undecodable, VodEvent
 
@@ -98,19 +102,33 @@ class SpoolForwarder:
         #: Records acked after an earlier record of their batch failed: not re-sent when the batch is retried.
         self._acked_ahead: set[int] = set()
         self.forwarded = 0
+        self._accepting = True
+        #: Cursor write failures of the spool already added to the metric.
+        self._cursor_failures_counted = 0
         self._metrics.spool_depth.set(spool.depth)
+        self._count_cursor_failures()
 
     @property
     def depth(self) -> int:
         """Records stored but not yet acknowledged by Kafka."""
         return self._spool.depth
 
+    @property
+    def accepting(self) -> bool:
+        """False from an append the spool refused for lack of room (its bound, the free-space floor, or
+        ENOSPC) until an append succeeds or a commit frees room; True otherwise. Never waits for the disk.
+
+        A readiness probe may use it: while False, callbacks Kafka does not take at once get 503 ``spool_full``.
+        """
+        return self._accepting
+
     async def store(
         self, event: VodEvent, *, source: Source, received_at: datetime, sub_app_id: int | None = None
     ) -> int:
         """Append an event durably (fsync'ed) and return its sequence number.
 
-        Raises :class:`PublishFailed` (503) when the spool is full or unusable.
+        Raises :class:`SpoolNoRoom` (503 ``spool_full``) when the spool has no room for it, and
+        :class:`PublishFailed` (503) when it is unusable.
         """
         headers = event_headers(event, source=source, received_at=received_at, sub_app_id=sub_app_id)
         stored = SpooledEvent(
@@ -139,10 +157,16 @@ class SpoolForwarder:
     async def _append(self, stored: SpooledEvent, source: Source) -> int:
         try:
             seq = await self._spool.append(_encoder.encode(stored))
+        except SpoolFull as exc:
+            if self._accepting:
+                logger.warning("spool refuses events for lack of room (%s); answering 503 spool_full", exc.message)
+            self._accepting = False
+            raise SpoolNoRoom(f"kafka unavailable and no room in the spool: {exc.message}") from exc
         except SpoolError as exc:
             raise PublishFailed(
                 f"kafka unavailable and the spool refused the event: {exc.message}", cause="spool"
             ) from exc
+        self._accepting = True
         self._metrics.spooled.labels(source).inc()
         self._metrics.spool_depth.set(self._spool.depth)
         return seq
@@ -166,6 +190,10 @@ class SpoolForwarder:
             acked_through = await self._forward(batch, position)
             if acked_through > position:
                 await self._spool.commit(acked_through)
+                self._count_cursor_failures()
+                if not self._accepting:
+                    logger.info("spool has room again after forwarding to seq %d", acked_through)
+                self._accepting = True
                 self.forwarded += acked_through - position
                 self._acked_ahead = {seq for seq in self._acked_ahead if seq > acked_through}
                 position = acked_through
@@ -248,23 +276,72 @@ class SpoolForwarder:
         except PublishFailed as exc:
             if exc.retriable:
                 return False
-            await asyncio.to_thread(self._set_aside, seq, value, error=f"{error}; dead-letter topic: {exc.message}")
-            return True
+            # If even the copy fails the record stays in the spool: retried later, never dropped.
+            return await asyncio.to_thread(
+                self._set_aside, seq, value, error=f"{error}; dead-letter topic: {exc.message}"
+            )
         self._metrics.dead_lettered.labels(source, reason).inc()
         return True
 
-    def _set_aside(self, seq: int, value: bytes, *, error: str) -> None:
-        """Last resort for a record neither its topic nor the dead-letter topic will take: keep it on disk."""
-        directory = Path(self._spool.spool.directory) / "refused"
-        directory.mkdir(exist_ok=True)
-        path = directory / f"{seq:020d}.record"
-        with path.open("wb") as out:
-            out.write(value)
-            out.flush()
-            os.fsync(out.fileno())
+    def _set_aside(self, seq: int, value: bytes, *, error: str) -> bool:
+        """Last resort for a record neither its topic nor the dead-letter topic will take: keep it on disk.
+
+        Returns True once the copy is fsync'ed (the record may be committed), False if it could not be made
+        (counted and logged; the record stays in the spool and is tried again later).
+        """
+        path = Path(self._spool.spool.directory) / "refused" / f"{seq:020d}.record"
+        try:
+            _write_refused(path, value)
+        except OSError as exc:
+            self._metrics.spool_set_aside_failures.inc()
+            logger.error(
+                "spooled record %d refused by kafka and the dead-letter topic (%s), and it cannot be copied to %s"
+                " (%s); it stays in the spool and is retried later",
+                seq,
+                error,
+                path.parent,
+                exc,
+            )
+            return False
         self._metrics.spool_set_aside.inc()
         logger.error("spooled record %d refused by kafka and the dead-letter topic (%s); kept in %s", seq, error, path)
+        return True
+
+    def _count_cursor_failures(self) -> None:
+        failures = self._spool.spool.cursor_write_failures
+        if failures > self._cursor_failures_counted:
+            self._metrics.spool_cursor_write_failures.inc(failures - self._cursor_failures_counted)
+            self._cursor_failures_counted = failures
 
     async def _pause(self, delay_s: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
+
+
+def _write_refused(path: Path, value: bytes) -> None:
+    """Write ``value`` to ``path`` (creating its directory); returns only after the fsync. Raises ``OSError``.
+
+    A module function so tests can substitute a failing one. A partial file is removed: a retry writes it anew.
+    """
+    if not path.parent.is_dir():
+        path.parent.mkdir(exist_ok=True)
+        _fsync_dir(path.parent.parent)
+    try:
+        with path.open("wb") as out:
+            out.write(value)
+            out.flush()
+            os.fsync(out.fileno())
+        # The name must be durable too: the record is committed (and leaves the spool) once this returns.
+        _fsync_dir(path.parent)
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

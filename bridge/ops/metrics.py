@@ -145,6 +145,16 @@ class Metrics:
             "Spooled records refused for good by Kafka and by the dead-letter topic, kept in <spool>/refused/",
             registry=r,
         )
+        self.spool_set_aside_failures = Counter(
+            "vod_bridge_spool_set_aside_failures",
+            "Records that could not be copied to <spool>/refused/ (kept in the spool, retried later)",
+            registry=r,
+        )
+        self.spool_cursor_write_failures = Counter(
+            "vod_bridge_spool_cursor_write_failures",
+            "Spool cursor writes that failed (forwarding went on; a restart may re-send delivered records)",
+            registry=r,
+        )
         self.fallbacks = Counter(
             "vod_bridge_events_fallback",
             "Events published although their body is not of the documented shape, by how the key was found",

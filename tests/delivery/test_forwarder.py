@@ -103,11 +103,18 @@ async def test_full_spool_answers_503(make_client, topic, tmp_path) -> None:
         wait_ready=False,
     )
     big = sample_event("big", SessionContext="x" * 300_000)
+    forwarder = client.server.app[COMPONENTS].forwarder
+    assert forwarder is not None and forwarder.accepting
     statuses = [(await client.post("/vod/callback", json=big)).status for _ in range(6)]
     assert statuses[:3] == [200, 200, 200]
     assert statuses[-1] == 503
+    assert not forwarder.accepting
     response = await client.post("/vod/callback", json=big)
-    assert (await response.json())["error"] == "kafka_unavailable"
+    # Distinct from an outage without a spool: the sender (and the metrics) can tell a full spool.
+    assert (await response.json())["error"] == "spool_full"
+    assert response.headers["Retry-After"] == "5"
+    rendered = client.server.app[COMPONENTS].metrics.render().decode()
+    assert 'vod_bridge_publish_failures_total{code="spool_full",source="callback"} 4.0' in rendered
 
 
 # ---- the forwarder on its own: a record Kafka refuses for good never wedges the queue --------------------------

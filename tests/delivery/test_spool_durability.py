@@ -19,7 +19,6 @@ from conftest import sample_event
 
 from bridge.app import COMPONENTS
 from bridge.config import HttpSettings, KafkaSettings, Settings, SpoolSettings
-from bridge.delivery.spool import store
 from bridge.delivery.spool.aio import AsyncSpool
 from bridge.delivery.spool.format import CURSOR_NAME, decode_cursor, segment_first_seq
 from bridge.delivery.spool.store import Spool, SyncKind, sync_to_disk
@@ -85,7 +84,7 @@ def test_the_production_sync_step_uses_fdatasync_for_data_and_fsync_for_director
     assert {Path(path).name for _, path in data} == {
         f"{1:020d}.seg",
         f"{2:020d}.seg",
-        CURSOR_NAME + ".tmp",
+        CURSOR_NAME,
     }
 
 
@@ -170,27 +169,19 @@ def test_the_cursor_is_durable_before_the_segments_it_skips_are_deleted(
         last_of_doomed = segment_first_seq(before[2]) - 1
         real_delete = spool._delete
 
+        cursor_at_delete: list[int | None] = []
+
         def recording_delete(segments: list[Any]) -> None:
             events.append(("delete", ",".join(s.path.name for s in segments), segment_names()))
+            cursor_at_delete.append(decode_cursor((tmp_path / CURSOR_NAME).read_bytes()))
             real_delete(segments)
 
         monkeypatch.setattr(spool, "_delete", recording_delete)
         events.clear()
-        cursor_at_directory_sync: list[int | None] = []
-        real_sync_dir = store._sync_dir
-
-        def sync_dir(path: Path, sync: Any) -> None:
-            cursor_at_directory_sync.append(decode_cursor((path / CURSOR_NAME).read_bytes()))
-            real_sync_dir(path, sync)
-
-        monkeypatch.setattr(store, "_sync_dir", sync_dir)
         spool.commit(last_of_doomed)
-    assert [(kind, name) for kind, name, _ in events] == [
-        ("cursor", CURSOR_NAME + ".tmp"),
-        ("directory", tmp_path.name),  # makes the rename of the new cursor durable
-        ("delete", ",".join(doomed)),
-    ]
-    # Both syncs happened while every segment was still there; only then were the skipped ones deleted.
+    # One sync per commit: the cursor is overwritten in place (no new file, no rename, no directory sync).
+    assert [(kind, name) for kind, name, _ in events] == [("cursor", CURSOR_NAME), ("delete", ",".join(doomed))]
+    # The sync happened while every segment was still there; only then were the skipped ones deleted.
     assert all(files == before for _, _, files in events)
-    assert cursor_at_directory_sync == [last_of_doomed], "the directory sync came after the rename"
+    assert cursor_at_delete == [last_of_doomed], "the cursor on disk already skipped them"
     assert segment_names() == before[2:]

@@ -7,12 +7,18 @@ from collections.abc import Callable
 import pytest
 
 from bridge.delivery.spool.format import (
-    CURSOR_BYTES,
+    CURSOR_FILE_BYTES,
+    CURSOR_SLOT_BYTES,
     HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
+    CursorState,
     Defect,
+    cursor_slot_offset,
     decode_cursor,
-    encode_cursor,
+    decode_cursor_state,
+    encode_cursor_file,
+    encode_cursor_slot,
+    encode_cursor_v1,
     encode_header,
     parse_record,
     resync,
@@ -96,12 +102,62 @@ def test_scan_of_a_clean_segment_has_no_defects_and_continues_from_last_good() -
     assert scan_segment(b"", 10).last_good == 10
 
 
-def test_cursor_round_trip_and_corruption() -> None:
-    raw = encode_cursor(123456789)
-    assert len(raw) == CURSOR_BYTES == 16
+def _with_slot(raw: bytes, slot: int, content: bytes) -> bytes:
+    offset = cursor_slot_offset(slot)
+    return raw[:offset] + content + raw[offset + len(content) :]
+
+
+def test_version_1_cursor_is_still_read_and_its_corruption_detected() -> None:
+    raw = encode_cursor_v1(123456789)
+    assert len(raw) == 16
+    assert decode_cursor_state(raw) == CursorState(123456789, 0, 0)
     assert decode_cursor(raw) == 123456789
-    for damaged in (b"", raw[:-1], raw + b"\n", raw[:6] + bytes([raw[6] ^ 1]) + raw[7:], b"VKC\x02" + raw[4:]):
+    for damaged in (b"", raw[:-1], raw[:6] + bytes([raw[6] ^ 1]) + raw[7:], b"VKC\x03" + raw[4:]):
         assert decode_cursor(damaged) is None
+
+
+def test_cursor_file_round_trip_takes_the_valid_slot_with_the_highest_generation() -> None:
+    raw = encode_cursor_file(10, 1)
+    assert len(raw) == CURSOR_FILE_BYTES == 1024
+    assert decode_cursor_state(raw) == CursorState(10, 1, 0)
+    raw = _with_slot(raw, 1, encode_cursor_slot(20, 2))
+    assert decode_cursor_state(raw) == CursorState(20, 2, 1)
+    raw = _with_slot(raw, 0, encode_cursor_slot(30, 3))
+    assert decode_cursor_state(raw) == CursorState(30, 3, 0)
+    # The generation decides, not the slot or the sequence number.
+    assert decode_cursor_state(_with_slot(raw, 1, encode_cursor_slot(5, 4))) == CursorState(5, 4, 1)
+    assert decode_cursor_state(encode_cursor_slot(7, 2**64 - 1)) == CursorState(7, 2**64 - 1, 0)
+
+
+@pytest.mark.parametrize("torn_slot", [0, 1])
+def test_a_torn_write_of_either_slot_leaves_the_other(torn_slot: int) -> None:
+    older, newer = encode_cursor_slot(40, 7), encode_cursor_slot(50, 8)
+    intact = _with_slot(_with_slot(encode_cursor_file(0, 0), 1 - torn_slot, older), torn_slot, newer)
+    assert decode_cursor(intact) == 50
+    for cut in range(CURSOR_SLOT_BYTES):
+        # The write of the newer generation stopped after `cut` bytes; the rest is the older slot's content.
+        torn = _with_slot(intact, torn_slot, newer[:cut] + encode_cursor_slot(30, 6)[cut:])
+        assert decode_cursor_state(torn) == CursorState(40, 7, 1 - torn_slot), cut
+
+
+def test_both_slots_corrupt_is_no_cursor() -> None:
+    raw = _with_slot(encode_cursor_file(9, 1), 1, encode_cursor_slot(10, 2))
+    flip_0, flip_1 = cursor_slot_offset(0) + 9, cursor_slot_offset(1) + 9
+    damaged = bytearray(raw)
+    damaged[flip_0] ^= 1
+    damaged[flip_1] ^= 1
+    assert decode_cursor(bytes(damaged)) is None
+    assert decode_cursor(b"") is None and decode_cursor(b"\0" * CURSOR_FILE_BYTES) is None
+
+
+def test_a_version_1_cursor_migrates_in_place_through_slot_1() -> None:
+    v1 = encode_cursor_v1(99)
+    # The first write of this version goes to slot 1 (slot 0 holds the v1 cursor, generation 0).
+    migrated = _with_slot(v1.ljust(CURSOR_FILE_BYTES, b"\0"), 1, encode_cursor_slot(120, 1))
+    assert decode_cursor_state(migrated) == CursorState(120, 1, 1)
+    # Torn: the v1 cursor still counts.
+    torn = _with_slot(v1.ljust(CURSOR_FILE_BYTES, b"\0"), 1, encode_cursor_slot(120, 1)[:10])
+    assert decode_cursor_state(torn) == CursorState(99, 0, 0)
 
 
 def test_segment_names() -> None:

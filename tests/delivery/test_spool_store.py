@@ -156,14 +156,16 @@ def test_commit_deletes_delivered_segments_and_survives_reopen(tmp_path: Path) -
         assert (spool.committed_seq, spool.last_seq, spool.depth) == (10, 40, 30)
         assert spool.read(spool.committed_seq, 100) == list(enumerate(payloads, 1))[10:]
         spool.commit(40)
-        # Everything is delivered, but the active segment stays so its name keeps the sequence going.
-        assert [p.name for p in segs(tmp_path)] == [f"{40:020d}.seg"]
+        # Everything is delivered: the active segment is rolled away from and deleted, and the new (empty)
+        # one's name keeps the sequence going.
+        assert [p.name for p in segs(tmp_path)] == [f"{41:020d}.seg"]
+        assert (spool.bytes_on_disk, spool.undelivered_bytes) == (0, 0)
         assert spool.append([b"next"]) == [41]
     # Without the cursor the oldest remaining segment still tells what was delivered.
     (tmp_path / CURSOR_NAME).unlink()
     with Spool.open(tmp_path, fsync=False) as spool:
-        assert spool.committed_seq == 39
-        assert spool.read(spool.committed_seq, 10) == [(40, payloads[39]), (41, b"next")]
+        assert spool.committed_seq == 40
+        assert spool.read(spool.committed_seq, 10) == [(41, b"next")]
 
 
 def test_second_open_of_the_same_directory_is_refused(tmp_path: Path) -> None:
@@ -202,16 +204,23 @@ def test_spool_full_is_all_or_nothing_and_commit_makes_room(tmp_path: Path) -> N
         assert [s for s, _ in spool.read(6, 100)] == list(range(7, 17))
 
 
-def test_a_drained_spool_accepts_again_even_when_max_bytes_is_below_the_segment_size(tmp_path: Path) -> None:
-    with Spool.open(tmp_path, segment_max_bytes=1 << 20, max_bytes=500, fsync=False) as spool:
+def test_the_bound_counts_undelivered_bytes_only(tmp_path: Path) -> None:
+    with Spool.open(tmp_path, segment_max_bytes=1 << 20, max_bytes=500, min_free_bytes=0, fsync=False) as spool:
         spool.append([b"z" * 80] * 5)
-        with pytest.raises(SpoolFull):
+        with pytest.raises(SpoolFull, match=r"spool full: 500 undelivered \+ 21 bytes would exceed max_bytes=500"):
             spool.append([b"z"])
-        spool.commit(5)
-        # The fully delivered active segment is rolled over and deleted instead of blocking forever.
-        assert spool.append([b"z" * 80] * 4) == [6, 7, 8, 9]
-        assert spool.bytes_on_disk == 400
-        assert [p.name for p in segs(tmp_path)] == [f"{6:020d}.seg"]
+        spool.commit(3)
+        assert (spool.undelivered_bytes, spool.bytes_on_disk) == (200, 500)
+        # Delivered bytes still on disk (the segment is not full yet) do not count against the bound.
+        assert spool.append([b"z" * 80] * 3) == [6, 7, 8]
+        assert (spool.undelivered_bytes, spool.bytes_on_disk) == (500, 800)
+        with pytest.raises(SpoolFull):
+            spool.append([b""])
+        spool.commit(8)
+        assert spool.undelivered_bytes == 0
+        assert spool.append([b"z" * 80] * 5) == [9, 10, 11, 12, 13]
+    with Spool.open(tmp_path, segment_max_bytes=1 << 20, max_bytes=500, min_free_bytes=0, fsync=False) as spool:
+        assert (spool.committed_seq, spool.undelivered_bytes) == (8, 500), "recovered from the index and cursor"
 
 
 def test_reads_and_commits_while_another_thread_appends(tmp_path: Path) -> None:
@@ -518,7 +527,10 @@ def test_corrupt_cursor_counts_as_zero(tmp_path: Path) -> None:
         spool.commit(2)
     cursor = tmp_path / CURSOR_NAME
     good = cursor.read_bytes()
-    for damaged in (b"", b"garbage", good[:-1], good[:6] + bytes([good[6] ^ 1]) + good[7:], good + b"\n"):
+    both_flipped = bytearray(good)
+    both_flipped[6] ^= 1
+    both_flipped[512 + 6] ^= 1
+    for damaged in (b"", b"garbage", good[:20], bytes(both_flipped), b"\0" * len(good)):
         cursor.write_bytes(damaged)
         with Spool.open(tmp_path, fsync=False) as spool:
             assert spool.committed_seq == 0

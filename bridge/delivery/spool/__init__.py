@@ -19,7 +19,9 @@ from bridge.delivery.spool.store import (
     SpoolInUse,
     SpoolProblem,
     SpoolStatus,
+    default_min_free_bytes,
     probe_lock,
+    segment_size_for,
 )
 from bridge.delivery.spool.stranded import (
     StrandedSpool,
@@ -45,9 +47,11 @@ __all__ = [
     "SpoolStatus",
     "StrandedSpool",
     "check_no_stranded",
+    "default_min_free_bytes",
     "encode_header",
     "find_stranded",
     "probe_lock",
+    "segment_size_for",
     "spool_dirs",
     "worker_spool_dir",
 ]

@@ -5,9 +5,14 @@ Everything here is a pure function of bytes; ``store`` does the reading, writing
 On-disk layout of a spool directory:
 
 * ``<first_seq:020d>.seg`` -- segment files, a concatenation of records. The last one is the active segment.
-* ``cursor`` -- the highest committed (delivered) sequence number, replaced atomically.
+* ``cursor`` -- the highest committed (delivered) sequence number, overwritten in place (see below).
 * ``LOCK`` -- ``flock``'ed while a process has the spool open.
-* ``<segment>.corrupt-<offset>`` -- bytes that recovery cut out of a segment, kept for inspection.
+* ``<segment>.corrupt-<offset>`` -- bytes that recovery cut out of a segment, kept for inspection (on a full
+  disk, a last segment with no valid record is renamed to ``<segment>.corrupt-0`` instead of copied).
+* ``refused/<seq:020d>.record`` -- values that Kafka and the dead-letter topic both refused (the forwarder's).
+
+Segments are deleted once every record in them is committed; a commit also rolls away from a fully committed
+active segment (if it holds at least a quarter of a segment), so a drained spool is little more than ``cursor``.
 
 Record framing (little-endian)::
 
@@ -18,7 +23,22 @@ Record framing (little-endian)::
     crc     u32 zlib.crc32 over the 16 header bytes before it, then the payload
     payload length bytes
 
-Cursor file (16 bytes): ``b"VKC\\x01"``, u64 seq, u32 crc32 of the first 12 bytes.
+Cursor file (``CURSOR_FILE_BYTES`` = 1024 bytes, created once and then only overwritten in place, so a commit
+needs no free disk space): two slots, at offsets 0 and 512 (different sectors, so a torn write of one leaves the
+other intact), each::
+
+    magic      4s  b"VKC\\x02"
+    generation u64 incremented by every write; the valid slot with the highest one is the cursor
+    seq        u64 highest committed sequence number
+    crc        u32 zlib.crc32 of the 20 bytes before it
+
+A writer always overwrites the slot that does *not* hold the newest valid generation. The u64 generation does
+not wrap in practice (one commit per nanosecond would take 584 years). If neither slot is valid the cursor
+counts as 0: records are re-delivered, never lost.
+
+The cursor format of version 1 (16 bytes: ``b"VKC\\x01"``, u64 seq, u32 crc32 of the first 12 bytes) is still
+read: it sits where slot 0 is and counts as generation 0, so the first write of a new version goes to slot 1
+and the file migrates in place.
 """
 
 from __future__ import annotations
@@ -39,9 +59,14 @@ _SYNC_MARK: Final = MAGIC + bytes([VERSION])
 #: Hard limit of the format; a length field above it is treated as corruption during recovery.
 MAX_PAYLOAD_BYTES: Final = 16 * 1024 * 1024
 
-_CURSOR = struct.Struct("<4sQI")
-_CURSOR_MAGIC: Final = b"VKC\x01"
-CURSOR_BYTES: Final = _CURSOR.size  # 16
+_CURSOR_V1 = struct.Struct("<4sQI")
+_CURSOR_V1_MAGIC: Final = b"VKC\x01"
+_CURSOR_SLOT = struct.Struct("<4sQQI")
+_CURSOR_MAGIC: Final = b"VKC\x02"
+#: Bytes of one cursor slot, and the offset of slot 1 (slot 0 is at 0).
+CURSOR_SLOT_BYTES: Final = _CURSOR_SLOT.size  # 24
+CURSOR_SLOT_STRIDE: Final = 512
+CURSOR_FILE_BYTES: Final = 2 * CURSOR_SLOT_STRIDE
 CURSOR_NAME: Final = "cursor"
 LOCK_NAME: Final = "LOCK"
 _SEGMENT_RE: Final = re.compile(r"^(\d{20})\.seg$")
@@ -96,19 +121,62 @@ def resync(data: bytes, pos: int, min_seq: int) -> int | None:
     return None
 
 
-def encode_cursor(seq: int) -> bytes:
-    """The 16-byte cursor file content for ``seq``."""
-    head = _CURSOR_MAGIC + seq.to_bytes(8, "little")
+@dataclass(frozen=True, slots=True)
+class CursorState:
+    """The newest valid slot of a cursor file."""
+
+    seq: int
+    generation: int
+    #: 0 or 1; a version-1 cursor file is slot 0 with generation 0.
+    slot: int
+
+
+def cursor_slot_offset(slot: int) -> int:
+    """Byte offset of cursor slot ``slot`` (0 or 1) in the cursor file."""
+    return slot * CURSOR_SLOT_STRIDE
+
+
+def encode_cursor_slot(seq: int, generation: int) -> bytes:
+    """The ``CURSOR_SLOT_BYTES`` of one cursor slot."""
+    head = _CURSOR_SLOT.pack(_CURSOR_MAGIC, generation, seq, 0)[: CURSOR_SLOT_BYTES - 4]
     return head + zlib.crc32(head).to_bytes(4, "little")
 
 
-def decode_cursor(raw: bytes) -> int | None:
-    """The sequence number in a cursor file, or None if the file is corrupt."""
-    if len(raw) == _CURSOR.size:
-        magic, seq, crc = _CURSOR.unpack(raw)
-        if magic == _CURSOR_MAGIC and zlib.crc32(raw[:12]) == crc:
-            return int(seq)
+def encode_cursor_file(seq: int, generation: int) -> bytes:
+    """A whole new cursor file: slot 0 holds ``seq`` at ``generation``, slot 1 is empty (invalid)."""
+    return encode_cursor_slot(seq, generation).ljust(CURSOR_FILE_BYTES, b"\0")
+
+
+def encode_cursor_v1(seq: int) -> bytes:
+    """The 16-byte cursor file of format version 1 (tests and migration only; never written any more)."""
+    head = _CURSOR_V1_MAGIC + seq.to_bytes(8, "little")
+    return head + zlib.crc32(head).to_bytes(4, "little")
+
+
+def _decode_slot(raw: bytes, slot: int) -> CursorState | None:
+    offset = cursor_slot_offset(slot)
+    chunk = raw[offset : offset + CURSOR_SLOT_BYTES]
+    if len(chunk) == CURSOR_SLOT_BYTES:
+        magic, generation, seq, crc = _CURSOR_SLOT.unpack(chunk)
+        if magic == _CURSOR_MAGIC and zlib.crc32(chunk[:-4]) == crc:
+            return CursorState(int(seq), int(generation), slot)
+    if slot == 0 and len(chunk) >= _CURSOR_V1.size:
+        magic, seq, crc = _CURSOR_V1.unpack(chunk[: _CURSOR_V1.size])
+        if magic == _CURSOR_V1_MAGIC and zlib.crc32(chunk[:12]) == crc:
+            return CursorState(int(seq), 0, 0)
     return None
+
+
+def decode_cursor_state(raw: bytes) -> CursorState | None:
+    """The valid slot with the highest generation in a cursor file, or None if neither slot is valid."""
+    slots = [state for slot in (0, 1) if (state := _decode_slot(raw, slot)) is not None]
+    return max(slots, key=lambda state: state.generation, default=None)
+
+
+def decode_cursor(raw: bytes) -> int | None:
+    """The sequence number in a cursor file (either format), or None if the file is corrupt."""
+    state = decode_cursor_state(raw)
+    return None if state is None else state.seq
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,11 @@ and corrupt files. The file format is in ``format``.
 
 Every flush to disk goes through one injectable *sync step* (:data:`SyncStep`, default :func:`sync_to_disk`), so
 tests can block it or record the order of syncs; the production path calls it directly.
+
+A full disk never stops the spool: appends are refused (``SpoolFull``) before the filesystem is full (the bound
+counts undelivered bytes; a free-space floor keeps headroom), a commit overwrites the preallocated cursor in
+place (no new block), delivered segments are deleted as soon as the cursor passes them, and a cursor that still
+cannot be written is counted and logged while forwarding goes on (a restart may then re-send, never lose).
 """
 
 from __future__ import annotations
@@ -27,12 +32,17 @@ from pathlib import Path
 from typing import Final, Literal, TypeAlias
 
 from bridge.delivery.spool.format import (
+    CURSOR_FILE_BYTES,
     CURSOR_NAME,
     HEADER_BYTES,
     LOCK_NAME,
     MAX_PAYLOAD_BYTES,
+    CursorState,
+    cursor_slot_offset,
     decode_cursor,
-    encode_cursor,
+    decode_cursor_state,
+    encode_cursor_file,
+    encode_cursor_slot,
     encode_header,
     parse_record,
     scan_segment,
@@ -44,8 +54,15 @@ from bridge.errors import BridgeError
 
 logger = logging.getLogger(__name__)
 
+#: Segment size bounds; between them a segment is 1/16 of the bound (or of the filesystem, if smaller), so
+#: forwarding frees space segment by segment long before the spool is full.
 DEFAULT_SEGMENT_MAX_BYTES: Final = 64 * 1024 * 1024
+MIN_SEGMENT_BYTES: Final = 64 * 1024
+SEGMENTS_PER_BOUND: Final = 16
 DEFAULT_MAX_BYTES: Final = 1024 * 1024 * 1024
+#: Default free-space floor: 5% of the filesystem, at most 64 MiB (52 KiB on a 1 MiB tmpfs).
+MAX_DEFAULT_MIN_FREE_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_MIN_FREE_FRACTION: Final = 20
 #: Default bound of one ``read``: a batch of small records, or one large record, never more than this.
 DEFAULT_READ_MAX_BYTES: Final = 4 * 1024 * 1024
 
@@ -57,7 +74,10 @@ class SpoolError(BridgeError):
 
 
 class SpoolFull(SpoolError):
-    """Appending would exceed ``max_bytes``; the sender should retry after the forwarder drained some."""
+    """No room: appending would exceed ``max_bytes`` or the free-space floor, or the disk is full.
+
+    The sender should retry after the forwarder drained some.
+    """
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "spool_full"
@@ -156,12 +176,40 @@ def _sync_dir(path: Path, sync: SyncStep) -> None:
         os.close(fd)
 
 
+def _create_file(path: Path) -> int:
+    """Create ``path`` (it must not exist) and return a read-write descriptor."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def _free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still allocate on ``path``'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _filesystem_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
+
+
+def segment_size_for(max_bytes: int, filesystem_bytes: int) -> int:
+    """The segment size for a bound: 1/16 of ``max_bytes`` (or of the filesystem if smaller), 64 KiB..64 MiB."""
+    return max(
+        MIN_SEGMENT_BYTES, min(DEFAULT_SEGMENT_MAX_BYTES, min(max_bytes, filesystem_bytes) // SEGMENTS_PER_BOUND)
+    )
+
+
+def default_min_free_bytes(filesystem_bytes: int) -> int:
+    """The free-space floor when none is configured: 5% of the filesystem, at most 64 MiB."""
+    return min(MAX_DEFAULT_MIN_FREE_BYTES, filesystem_bytes // DEFAULT_MIN_FREE_FRACTION)
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
@@ -218,16 +266,22 @@ class Spool:
         *,
         segment_max_bytes: int,
         max_bytes: int,
+        min_free_bytes: int,
         sync: SyncStep | None,
         lock_fd: int,
         segments: list[_Segment],
         last_seq: int,
         committed_seq: int,
+        cursor: CursorState | None,
         recovery_report: list[SpoolProblem],
     ) -> None:
         self._dir = directory
         self._segment_max_bytes = segment_max_bytes
         self._max_bytes = max_bytes
+        self._min_free_bytes = min_free_bytes
+        #: A fully committed active segment at least this large is rolled away from (and deleted) by a commit,
+        #: so a drained spool holds almost no bytes; smaller ones wait, to spare a file per trickle of commits.
+        self._drained_roll_bytes = max(1, min(segment_max_bytes // 4, 256 * 1024))
         #: None when opened with ``fsync=False``: nothing is flushed (tests only).
         self._sync = sync
         self._lock_fd: int | None = lock_fd
@@ -242,12 +296,30 @@ class Spool:
         self._last_seq = last_seq
         self._committed_seq = committed_seq
         self._bytes = sum(s.size for s in segments)
+        #: What ``max_bytes`` bounds: the records not yet committed (delivered ones wait only for deletion).
+        self._undelivered = sum(
+            HEADER_BYTES + length
+            for seg in segments
+            for seq, length in zip(seg.seqs, seg.lengths, strict=True)
+            if seq > committed_seq
+        )
+        # The cursor file: its descriptor (opened lazily, so a cursor that could not be created at open is
+        # created by a later commit), the newest generation written or attempted, and the slot that holds the
+        # newest valid one: the next write goes to the other slot, so a torn write never damages it.
+        self._cursor_fd: int | None = None
+        self._cursor_generation = cursor.generation if cursor is not None else 0
+        self._cursor_slot: int | None = cursor.slot if cursor is not None else None
+        #: Cursor writes that failed (the commit went on), and whether the last one failed.
+        self.cursor_write_failures = 0
+        self._cursor_failing = False
         self._closed = False
         #: Set when an fsync failed: the page cache may have dropped the dirty pages, so later appends
         #: could be acknowledged on top of lost data. Reopening re-verifies the files.
         self._broken: str | None = None
         #: Number of data syncs issued by ``append`` (one per batch, two if the batch crossed a segment).
         self.fsync_count = 0
+        #: Number of syncs issued by ``commit`` (one per cursor write, one more when it creates the file).
+        self.commit_fsync_count = 0
         self.recovery_report = recovery_report
 
     # -- opening and recovery -------------------------------------------------------------------------------
@@ -257,18 +329,24 @@ class Spool:
         cls,
         directory: Path,
         *,
-        segment_max_bytes: int = DEFAULT_SEGMENT_MAX_BYTES,
+        segment_max_bytes: int | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        min_free_bytes: int | None = None,
         fsync: bool = True,
         sync: SyncStep = sync_to_disk,
     ) -> Spool:
         """Open (creating if needed) the spool in ``directory`` and recover it; see ``recovery_report``.
 
-        ``sync`` is called for every flush to disk (``fsync=False``: none, for tests that do not need durability).
-        Raises ``SpoolInUse`` if another process holds the spool, ``SpoolError`` if the directory is unusable.
+        ``max_bytes`` bounds the undelivered bytes. ``min_free_bytes`` is the free space an append must leave
+        on the filesystem (None: :func:`default_min_free_bytes`; 0: no floor). ``segment_max_bytes`` None derives
+        it with :func:`segment_size_for`. ``sync`` is called for every flush to disk (``fsync=False``: none, for
+        tests that do not need durability). Raises ``SpoolInUse`` if another process holds the spool,
+        ``SpoolError`` if the directory is unusable.
         """
-        if segment_max_bytes <= 0 or max_bytes <= 0:
+        if (segment_max_bytes is not None and segment_max_bytes <= 0) or max_bytes <= 0:
             raise ValueError("segment_max_bytes and max_bytes must be positive")
+        if min_free_bytes is not None and min_free_bytes < 0:
+            raise ValueError("min_free_bytes must be >= 0")
         directory = Path(directory)
         step = sync if fsync else None
         try:
@@ -276,11 +354,23 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
             if created and step is not None:
                 _sync_dir(directory.parent, step)
+            filesystem_bytes = _filesystem_bytes(directory)
         except OSError as exc:
             raise SpoolError(f"cannot open spool directory {directory}: {exc}") from exc
+        if segment_max_bytes is None:
+            segment_max_bytes = segment_size_for(max_bytes, filesystem_bytes)
+        if min_free_bytes is None:
+            min_free_bytes = default_min_free_bytes(filesystem_bytes)
         lock_fd = _lock(directory)
         try:
-            return cls._recover(directory, lock_fd, segment_max_bytes=segment_max_bytes, max_bytes=max_bytes, sync=step)
+            return cls._recover(
+                directory,
+                lock_fd,
+                segment_max_bytes=segment_max_bytes,
+                max_bytes=max_bytes,
+                min_free_bytes=min_free_bytes,
+                sync=step,
+            )
         except BaseException:
             os.close(lock_fd)
             raise
@@ -317,24 +407,34 @@ class Spool:
 
     @classmethod
     def _recover(
-        cls, directory: Path, lock_fd: int, *, segment_max_bytes: int, max_bytes: int, sync: SyncStep | None
+        cls,
+        directory: Path,
+        lock_fd: int,
+        *,
+        segment_max_bytes: int,
+        max_bytes: int,
+        min_free_bytes: int,
+        sync: SyncStep | None,
     ) -> Spool:
         report: list[SpoolProblem] = []
+        clean_tail = True
         try:
             with contextlib.suppress(FileNotFoundError):
+                # Left by a version that replaced the cursor by renaming a new file over it.
                 (directory / (CURSOR_NAME + ".tmp")).unlink()
-            cursor_seq = cls._read_cursor(directory, report)
+            cursor, cursor_bytes = cls._read_cursor(directory, report)
             named = _list_segments(directory)
             segments: list[_Segment] = []
             last_good = named[0][0] - 1 if named else 0
             for n, (first_seq, path) in enumerate(named):
-                seg, last_good = cls._recover_segment(
+                seg, last_good, clean_tail = cls._recover_segment(
                     path, last_good, report, first_seq=first_seq, is_last=n == len(named) - 1, sync=sync
                 )
                 segments.append(seg)
         except OSError as exc:
             raise SpoolError(f"cannot recover spool {directory}: {exc}") from exc
 
+        cursor_seq = cursor.seq if cursor is not None else 0
         committed, last_seq = spool_positions(cursor_seq, [first for first, _ in named], last_good)
 
         try:
@@ -342,10 +442,19 @@ class Spool:
             expected_first = (
                 None if active is None else (active.last_seq + 1 if active.last_seq is not None else active.first_seq)
             )
-            if active is None or expected_first != last_seq + 1:
+            if active is not None and not clean_tail and active.last_seq is None:
+                # Nothing valid in it and no room to copy its bytes: set the whole file aside by renaming it.
+                aside = active.path.with_name(f"{active.path.name}.corrupt-0")
+                os.replace(active.path, aside)
+                logger.warning("spool recovery: %s holds no valid record; renamed to %s", active.path.name, aside.name)
+                segments.pop()
+                active = segments[-1] if segments else None
+                clean_tail = active is None
+            # A tail that could not be cut (no room to copy it aside first) stays; appends go to a new segment.
+            if active is None or expected_first != last_seq + 1 or not clean_tail:
                 # Start a fresh segment so sequence numbers inside each file stay contiguous.
                 active = _Segment(first_seq=last_seq + 1, path=directory / segment_name(last_seq + 1))
-                active.fd = os.open(active.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                active.fd = _create_file(active.path)
                 if sync is not None:
                     _sync_dir(directory, sync)
                 segments.append(active)
@@ -358,37 +467,46 @@ class Spool:
             directory,
             segment_max_bytes=segment_max_bytes,
             max_bytes=max_bytes,
+            min_free_bytes=min_free_bytes,
             sync=sync,
             lock_fd=lock_fd,
             segments=segments,
             last_seq=last_seq,
             committed_seq=committed,
+            cursor=cursor,
             recovery_report=report,
         )
+        if cursor is None or cursor.seq != committed or cursor_bytes < CURSOR_FILE_BYTES:
+            # Create (or migrate) the cursor now, while there may be room: commits only overwrite it in place.
+            spool._persist_cursor(committed)
         logger.info(
-            "spool opened: dir=%s segments=%d last_seq=%d committed_seq=%d bytes=%d problems=%d",
+            "spool opened: dir=%s segments=%d last_seq=%d committed_seq=%d bytes=%d segment_max_bytes=%d"
+            " min_free_bytes=%d problems=%d",
             directory,
             len(segments),
             last_seq,
             committed,
             spool.bytes_on_disk,
+            segment_max_bytes,
+            min_free_bytes,
             len(report),
         )
         return spool
 
     @staticmethod
-    def _read_cursor(directory: Path, report: list[SpoolProblem]) -> int:
+    def _read_cursor(directory: Path, report: list[SpoolProblem]) -> tuple[CursorState | None, int]:
+        """The cursor's newest valid slot (None if missing or corrupt) and the file's size."""
         try:
             raw = (directory / CURSOR_NAME).read_bytes()
         except FileNotFoundError:
-            return 0
-        seq = decode_cursor(raw)
-        if seq is not None:
-            return seq
+            return None, 0
+        state = decode_cursor_state(raw)
+        if state is not None:
+            return state, len(raw)
         # Treating it as 0 re-delivers what was already sent; guessing higher could lose records.
         report.append(SpoolProblem(CURSOR_NAME, 0, "corrupt cursor", skipped_bytes=0))
         logger.warning("spool recovery: %s is corrupt (%d bytes); treating committed_seq as 0", CURSOR_NAME, len(raw))
-        return 0
+        return None, len(raw)
 
     @staticmethod
     def _recover_segment(
@@ -399,13 +517,16 @@ class Spool:
         first_seq: int,
         is_last: bool,
         sync: SyncStep | None,
-    ) -> tuple[_Segment, int]:
+    ) -> tuple[_Segment, int, bool]:
         """Index ``path``, skipping or cutting away anything that is not a valid next record.
 
-        Returns the segment and the new last good sequence number. Every skipped byte is first copied aside.
+        Returns the segment, the new last good sequence number, and whether the file now ends with its last
+        good record. Bytes are cut only after they were copied aside; when that copy fails (a full disk), they
+        stay in place, unindexed, and the file is left uncut (appends then go to a new segment).
         """
         data = path.read_bytes()
         scan = scan_segment(data, last_good)
+        uncopied: list[int] = []
         seg = _Segment(first_seq=first_seq, path=path, size=len(data))
         seg.seqs, seg.offsets, seg.lengths = scan.seqs, scan.offsets, scan.lengths
         for defect in scan.defects:
@@ -421,9 +542,23 @@ class Spool:
                 )
                 continue
             end = defect.offset + defect.skipped_bytes
-            moved_to = _set_aside(path, data, defect.offset, end, sync=sync)
+            try:
+                moved_to: str | None = _set_aside(path, data, defect.offset, end, sync=sync)
+            except SpoolError as exc:
+                moved_to = None
+                uncopied.append(defect.offset)
+                logger.warning(
+                    "spool recovery: %s offset %d: %s; %d bytes left in place, not copied aside (%s)",
+                    path.name,
+                    defect.offset,
+                    defect.reason,
+                    defect.skipped_bytes,
+                    exc.message,
+                )
             problem = SpoolProblem(path.name, defect.offset, defect.reason, defect.skipped_bytes, moved_to)
             report.append(problem)
+            if moved_to is None:
+                continue
             logger.warning(
                 "spool recovery: %s offset %d: %s; %s %d bytes (copied to %s)",
                 path.name,
@@ -433,15 +568,15 @@ class Spool:
                 defect.skipped_bytes,
                 moved_to,
             )
-        if scan.cut_at is not None:
-            # Nothing valid follows; those bytes were just copied aside.
-            _truncate(path, scan.cut_at, sync=sync)
-            seg.size = scan.cut_at
+        # Only bytes copied aside may be cut: the tail from the first defect after the last good record.
+        tail_copied = not any(offset >= scan.good_end for offset in uncopied)
+        cut_to = scan.cut_at
         if is_last and scan.good_end < seg.size:
             # Everything after the last good record was reported and copied aside; appends go right after it.
-            _truncate(path, scan.good_end, sync=sync)
-            seg.size = scan.good_end
-        return seg, scan.last_good
+            cut_to = scan.good_end
+        if cut_to is not None and tail_copied and _try_truncate(path, cut_to, sync=sync):
+            seg.size = cut_to
+        return seg, scan.last_good, seg.size == scan.good_end
 
     # -- properties -----------------------------------------------------------------------------------------
 
@@ -469,9 +604,29 @@ class Spool:
 
     @property
     def bytes_on_disk(self) -> int:
-        """Size of all segment files (what ``max_bytes`` bounds); set-aside corrupt bytes are not counted."""
+        """Size of all segment files, delivered records included; set-aside corrupt bytes are not counted."""
         with self._state_lock:
             return self._bytes
+
+    @property
+    def undelivered_bytes(self) -> int:
+        """File bytes of the records not yet committed: what ``max_bytes`` bounds."""
+        with self._state_lock:
+            return self._undelivered
+
+    @property
+    def segment_max_bytes(self) -> int:
+        return self._segment_max_bytes
+
+    @property
+    def min_free_bytes(self) -> int:
+        """Free space an append must leave on the filesystem (0: no floor)."""
+        return self._min_free_bytes
+
+    @property
+    def cursor_failing(self) -> bool:
+        """True while the last cursor write failed (commits go on in memory)."""
+        return self._cursor_failing
 
     @property
     def segment_count(self) -> int:
@@ -484,8 +639,9 @@ class Spool:
         """Store ``payloads`` and return their sequence numbers; with ``fsync`` they are durable on return.
 
         The whole batch costs one fsync (two when it crosses into a new segment). Raises ``SpoolFull`` if the
-        batch does not fit in ``max_bytes`` (nothing is written), ``SpoolError`` on I/O errors. After an error
-        a prefix of the batch may already be durable and will be delivered: callers retry, so at-least-once.
+        batch does not fit in ``max_bytes`` or would go below ``min_free_bytes`` (nothing is written), or if the
+        filesystem says ENOSPC all the same; ``SpoolError`` on other I/O errors. After an error a prefix of the
+        batch may already be durable and will be delivered: callers retry, so at-least-once.
         """
         for payload in payloads:
             if len(payload) > MAX_PAYLOAD_BYTES:
@@ -522,23 +678,53 @@ class Spool:
             raise SpoolError(f"spool is unusable after an fsync failure ({self._broken}); reopen it")
 
     def _reserve(self, needed_bytes: int) -> None:
-        """Raise ``SpoolFull`` unless ``needed_bytes`` fit, reclaiming a fully committed active segment first."""
+        """Raise ``SpoolFull`` unless ``needed_bytes`` fit in ``max_bytes`` and above the free-space floor.
+
+        The bound counts undelivered bytes only. Below the floor, delivered bytes still on disk are reclaimed
+        first (a fully committed active segment is rolled away from and deleted). The caller holds
+        ``_write_lock``.
+        """
         with self._state_lock:
-            if self._bytes + needed_bytes <= self._max_bytes:
-                return
+            undelivered = self._undelivered
+        if undelivered + needed_bytes > self._max_bytes:
+            raise SpoolFull(
+                f"spool full: {undelivered} undelivered + {needed_bytes} bytes would exceed max_bytes={self._max_bytes}"
+            )
+        if self._min_free_bytes == 0 or self._room_above_floor(needed_bytes):
+            return
+        self._reclaim()
+        if not self._room_above_floor(needed_bytes):
+            raise SpoolFull(
+                f"no room for the spool: {needed_bytes} more bytes would leave less than"
+                f" min_free_bytes={self._min_free_bytes} free on its filesystem"
+            )
+
+    def _room_above_floor(self, needed_bytes: int) -> bool:
+        try:
+            free = _free_bytes(self._dir)
+        except OSError as exc:
+            # The write itself still reports ENOSPC: the floor is headroom, not the last line of defence.
+            logger.debug("spool: cannot read free space of %s: %s", self._dir, exc)
+            return True
+        return free - needed_bytes >= self._min_free_bytes
+
+    def _reclaim(self) -> None:
+        """Delete delivered segments, rolling away from the active one if all of it is delivered.
+
+        The caller holds ``_write_lock``. A new segment that cannot be created is logged, not raised: the
+        append that asked is refused anyway.
+        """
+        with self._state_lock:
             active = self._segments[-1]
             # Only a segment holding records can be rolled away from: its name is below any new sequence number.
-            reclaimable = active.last_seq is not None and active.last_seq <= self._committed_seq
-            used = self._bytes
-        if reclaimable:
-            # Otherwise a drained spool whose active segment is near max_bytes could never accept again.
-            self._roll(self.last_seq + 1)
-            self._delete(self._detach_collectable())
-            with self._state_lock:
-                used = self._bytes
-                if used + needed_bytes <= self._max_bytes:
-                    return
-        raise SpoolFull(f"spool full: {used} + {needed_bytes} bytes would exceed max_bytes={self._max_bytes}")
+            drained = active.last_seq is not None and active.last_seq <= self._committed_seq
+            first = self._last_seq + 1
+        if drained:
+            try:
+                self._roll(first)
+            except SpoolError as exc:
+                logger.debug("spool: cannot roll away from a delivered segment: %s", exc.message)
+        self._delete(self._detach_collectable())
 
     def _flush(self, seg: _Segment, chunks: list[bytes], pending: list[tuple[int, int, int]]) -> None:
         """Write ``chunks`` at the end of ``seg``, fsync, then publish the records to readers."""
@@ -571,18 +757,28 @@ class Spool:
                 seg.lengths.append(length)
             seg.size += len(data)
             self._bytes += len(data)
+            self._undelivered += len(data)
             self._last_seq = pending[-1][0]
 
     def _roll(self, first_seq: int) -> _Segment:
         """Create and activate a new segment; the caller holds ``_write_lock``."""
         path = self._dir / segment_name(first_seq)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = _create_file(path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull(f"no space left for a new spool segment: {exc}") from exc
+            raise SpoolError(f"cannot create segment {path.name}: {exc}") from exc
+        try:
             if self._sync is not None:
                 # The new name must be durable before records in it are acknowledged.
                 _sync_dir(self._dir, self._sync)
         except OSError as exc:
-            raise SpoolError(f"cannot create segment {path.name}: {exc}") from exc
+            # Remove it, or the next roll to the same name would fail for ever (O_EXCL).
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise SpoolError(f"cannot sync the directory for segment {path.name}: {exc}") from exc
         seg = _Segment(first_seq=first_seq, path=path, fd=fd)
         with self._state_lock:
             old = self._segments[-1]
@@ -707,7 +903,10 @@ class Spool:
     def commit(self, seq: int) -> None:
         """Mark everything ``<= seq`` delivered: persist the cursor, then delete fully delivered segments.
 
-        Committing below ``committed_seq`` is a no-op; above ``last_seq`` is a ``ValueError``.
+        Returns after the cursor's sync (one, in place). A cursor that cannot be written does not fail the
+        commit: it is counted (``cursor_write_failures``) and logged once per change, the commit goes on in
+        memory, and delivered segments are still deleted (the oldest remaining segment bounds what a restart
+        re-sends). Committing below ``committed_seq`` is a no-op; above ``last_seq`` is a ``ValueError``.
         """
         with self._commit_lock:
             with self._state_lock:
@@ -717,29 +916,108 @@ class Spool:
                     raise ValueError(f"cannot commit seq {seq} beyond last_seq {self._last_seq}")
                 if seq <= self._committed_seq:
                     return
-            # The cursor's fsyncs run under _commit_lock only: readers of committed_seq keep the old value
+            # The cursor's sync runs under _commit_lock only: readers of committed_seq keep the old value
             # until the new one is durable.
-            self._write_cursor(seq)
+            self._persist_cursor(seq)
             with self._state_lock:
+                self._undelivered -= self._record_bytes_between(self._committed_seq, seq)
                 self._committed_seq = seq
             self._delete(self._detach_collectable())
+        self._roll_if_drained()
+
+    def _record_bytes_between(self, after_seq: int, through_seq: int) -> int:
+        """File bytes of the indexed records ``after_seq < seq <= through_seq``; the caller holds ``_state_lock``."""
+        total = 0
+        for seg in self._segments:
+            last = seg.last_seq
+            if last is None or last <= after_seq:
+                continue
+            i = bisect_right(seg.seqs, after_seq)
+            j = bisect_right(seg.seqs, through_seq)
+            if i == j:
+                break
+            total += (j - i) * HEADER_BYTES + sum(seg.lengths[i:j])
+        return total
+
+    def _roll_if_drained(self) -> None:
+        """After a commit: roll away from (and delete) a fully delivered active segment of some size.
+
+        Skipped while an append holds ``_write_lock`` (the segment is getting records) or when the new segment
+        cannot be created; ``_reserve`` reclaims it later if the room is needed.
+        """
+        if not self._write_lock.acquire(blocking=False):
+            return
+        try:
+            with self._state_lock:
+                if self._closed or self._broken is not None:
+                    return
+                active = self._segments[-1]
+                last = active.last_seq
+                if last is None or last > self._committed_seq or active.size < self._drained_roll_bytes:
+                    return
+            self._reclaim()
+        finally:
+            self._write_lock.release()
+
+    def _persist_cursor(self, seq: int) -> bool:
+        """Write ``seq`` to the cursor; False if that failed (counted, logged when the state changes)."""
+        try:
+            self._write_cursor(seq)
+        except OSError as exc:
+            self.cursor_write_failures += 1
+            if not self._cursor_failing:
+                self._cursor_failing = True
+                logger.error(
+                    "spool: cannot write the cursor (%s); forwarding goes on, but a restart may send again"
+                    " what was delivered since the last cursor write",
+                    exc,
+                )
+            return False
+        if self._cursor_failing:
+            self._cursor_failing = False
+            logger.warning("spool: the cursor is written again (committed_seq=%d)", seq)
+        return True
 
     def _write_cursor(self, seq: int) -> None:
-        tmp = self._dir / (CURSOR_NAME + ".tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        """Overwrite the cursor slot not holding the newest generation with ``seq``; returns after its sync.
+
+        Needs no free disk space once the file exists. Creating it (first commit, or a spool of an earlier
+        version) writes the whole file and syncs it and the directory. Raises ``OSError``.
+        """
+        path = self._dir / CURSOR_NAME
+        generation = self._cursor_generation + 1
+        # Used up even if the write fails: a generation is never written twice with different contents.
+        self._cursor_generation = generation
+        if self._cursor_fd is None:
             try:
-                _pwrite_all(fd, encode_cursor(seq), 0)
-                if self._sync is not None:
-                    self._sync(fd, tmp, "cursor")
-            finally:
-                os.close(fd)
-            os.replace(tmp, self._dir / CURSOR_NAME)
+                self._cursor_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._cursor_fd = self._create_cursor(path, seq, generation)
+                self._cursor_slot = 0
+                return
+        slot = 0 if self._cursor_slot is None else 1 - self._cursor_slot
+        _pwrite_all(self._cursor_fd, encode_cursor_slot(seq, generation), cursor_slot_offset(slot))
+        if self._sync is not None:
+            self._sync(self._cursor_fd, path, "cursor")
+            self.commit_fsync_count += 1
+        self._cursor_slot = slot
+
+    def _create_cursor(self, path: Path, seq: int, generation: int) -> int:
+        fd = _create_file(path)
+        try:
+            _pwrite_all(fd, encode_cursor_file(seq, generation), 0)
             if self._sync is not None:
-                # The rename must be durable before commit() deletes the segments the new cursor skips.
+                self._sync(fd, path, "cursor")
+                # The name must be durable before a commit deletes the segments the cursor skips.
                 _sync_dir(self._dir, self._sync)
-        except OSError as exc:
-            raise SpoolError(f"cannot write spool cursor: {exc}") from exc
+                self.commit_fsync_count += 2
+        except OSError:
+            os.close(fd)
+            # A partial file would be taken for a corrupt cursor; the next commit creates it again.
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        return fd
 
     def _detach_collectable(self) -> list[_Segment]:
         """Remove from the index every non-active segment whose records are all committed."""
@@ -788,6 +1066,9 @@ class Spool:
                 fds = [seg.fd for seg in self._segments if seg.fd is not None]
                 for seg in self._segments:
                     seg.fd = None
+                if self._cursor_fd is not None:
+                    fds.append(self._cursor_fd)
+                    self._cursor_fd = None
                 lock_fd, self._lock_fd = self._lock_fd, None
             for fd in fds:
                 os.close(fd)
@@ -816,7 +1097,9 @@ def _set_aside(path: Path, data: bytes, start: int, end: int, *, sync: SyncStep 
             # The copy's name must be durable before the segment is cut.
             _sync_dir(path.parent, sync)
     except OSError as exc:
-        # Refuse to cut bytes we could not preserve.
+        # Refuse to cut bytes we could not preserve, and leave no partial copy that looks like a whole one.
+        with contextlib.suppress(OSError):
+            aside.unlink()
         raise SpoolError(f"cannot set aside corrupt bytes of {path.name} to {aside.name}: {exc}") from exc
     return aside.name
 
@@ -831,3 +1114,15 @@ def _truncate(path: Path, size: int, *, sync: SyncStep | None) -> None:
         os.close(fd)
     if sync is not None:
         _sync_dir(path.parent, sync)
+
+
+def _try_truncate(path: Path, size: int, *, sync: SyncStep | None) -> bool:
+    """Cut ``path`` to ``size``; False (logged) if that failed, and the file is then treated as uncut."""
+    try:
+        _truncate(path, size, sync=sync)
+    except OSError as exc:
+        logger.warning(
+            "spool recovery: cannot cut %s to %d bytes (%s); appends start a new segment", path.name, size, exc
+        )
+        return False
+    return True
