@@ -61,9 +61,17 @@ class Components:
 
     @property
     def ready(self) -> bool:
-        """What ``/readyz`` and the ``vod_bridge_ready`` gauge report: events are accepted, because the producer
-        is connected or because a spool takes them while Kafka is unreachable."""
-        return self.sink.ready or self.forwarder is not None
+        """What ``/readyz`` and the ``vod_bridge_ready`` gauge report: a callback can be acknowledged now.
+
+        Without a spool: the producer is connected. With one: the spool accepts events (a callback Kafka does not
+        ack in time is spooled), or it is empty and the producer connected (callbacks go to Kafka directly). A
+        spool that refuses for lack of room while it holds events is not ready: every callback would queue behind
+        them and get 503 ``spool_full``.
+        """
+        forwarder = self.forwarder
+        if forwarder is None:
+            return self.sink.ready
+        return forwarder.accepting or (forwarder.depth == 0 and self.sink.ready)
 
     def time_left_s(self) -> float:
         """Seconds until ``shutdown_deadline`` (the whole shutdown timeout before shutdown began)."""
@@ -338,14 +346,15 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
-    kafka_ready = c.sink.ready
+    kafka = "connected" if c.sink.ready else "unavailable"
+    body: dict[str, Any] = {"status": "ready" if c.ready else "not_ready", "kafka": kafka}
+    if c.forwarder is not None:
+        body["spool"] = "accepting" if c.forwarder.accepting else "full"
+        body["spool_depth"] = c.forwarder.depth
     if c.ready:
-        # With a spool, callbacks are accepted (spooled) even while Kafka is unreachable.
-        body: dict[str, Any] = {"status": "ready", "kafka": "connected" if kafka_ready else "unavailable"}
-        if c.forwarder is not None:
-            body["spool_depth"] = c.forwarder.depth
         return web.json_response(body)
-    return web.json_response({"status": "not_ready", "reason": "kafka producer not connected"}, status=503)
+    body["reason"] = "kafka producer not connected" if c.forwarder is None else "spool full and kafka not taking events"
+    return web.json_response(body, status=503)
 
 
 async def _metrics(request: web.Request) -> web.Response:

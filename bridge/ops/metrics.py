@@ -22,6 +22,7 @@ from bridge.errors import (
     ConfigError,
     Forbidden,
     PayloadTooLarge,
+    SpoolNoRoom,
     UnsupportedEncoding,
 )
 from bridge.vod.event_types import EVENT_TYPES
@@ -58,7 +59,7 @@ REJECT_REASONS: Final = (
 #: a spooled record this version cannot read (``bridge.delivery.forwarder``).
 DEAD_LETTER_REASONS: Final = (*sorted(UNDECODABLE_REASONS), "kafka_refused", "spool_format")
 #: The causes of ``vod_bridge_publish_failures_total`` known in advance; a Kafka error adds its class name.
-PUBLISH_FAILURE_CAUSES: Final = ("timeout", "not_ready", "overloaded", "spool")
+PUBLISH_FAILURE_CAUSES: Final = ("timeout", "not_ready", "overloaded", "spool", SpoolNoRoom.code)
 
 
 def event_type_label(event_type: str) -> str:

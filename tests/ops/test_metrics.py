@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import scraped
+from conftest import sample_event, scraped
 from msgspec.structs import replace
 from prometheus_client import values
 from prometheus_client.multiprocess import mark_process_dead
@@ -221,3 +221,23 @@ async def test_the_ready_gauge_answers_what_readyz_answers(make_settings, make_c
         client = await make_client(settings, wait_ready=wait_ready)
         readyz = await client.get("/readyz")
         assert (readyz.status, await scraped(client, "vod_bridge_ready")) == (status, gauge), case
+
+
+@pytest.mark.integration
+async def test_a_full_spool_holding_events_is_not_ready(make_settings, make_client, tmp_path: Path) -> None:
+    """Every callback would queue behind the spooled events and get 503 ``spool_full``: not ready, until room."""
+    unreachable = make_settings(bootstrap_servers=f"127.0.0.1:{free_port()}")
+    settings = replace(unreachable, spool=SpoolSettings(dir=str(tmp_path / "spool"), max_bytes=1024 * 1024))
+    client = await make_client(settings, wait_ready=False)
+    assert (await client.get("/readyz")).status == 200, "an empty spool accepts"
+    padding = "x" * 200_000
+    for i in range(10):
+        response = await client.post("/vod/callback", json={**sample_event(f"fill-{i}"), "Padding": padding})
+        if response.status != 200:
+            break
+    assert response.status == 503 and (await response.json())["error"] == "spool_full", "the bound was reached"
+    readyz = await client.get("/readyz")
+    body = await readyz.json()
+    assert (readyz.status, body["status"], body["spool"]) == (503, "not_ready", "full"), body
+    assert body["spool_depth"] == i and body["kafka"] == "unavailable"
+    assert await scraped(client, "vod_bridge_ready") == 0
