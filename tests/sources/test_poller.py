@@ -610,9 +610,21 @@ async def test_a_sub_app_the_api_refuses_does_not_hold_up_the_others(
     poller = poller_settings(topic, endpoint=fake_vod.endpoint, sub_app_ids=[1500001, 1500002])
     client = await serve_pollers(replace(make_settings(), callback_enabled=False, poller=poller))
     try:
-        # The refused loop keeps retrying on its own back-off while the other one delivers everything.
+        # The refused loop keeps retrying on its own back-off while the other one delivers everything. The metric
+        # is waited for too: the fake API counts a refused pull before the poller has read the refusal.
+        registry = client.server.app[COMPONENTS].metrics.registry
         await wait_until(
-            lambda: not fake_vod.pending_for(1500002) and pulls_of(fake_vod, 1500001, "UnauthorizedOperation") >= 3,
+            lambda: (
+                not fake_vod.pending_for(1500002)
+                and pulls_of(fake_vod, 1500001, "UnauthorizedOperation") >= 3
+                and (
+                    registry.get_sample_value(
+                        "vod_bridge_poller_pulls_total", {"outcome": "error", "sub_app_id": "1500001"}
+                    )
+                    or 0
+                )
+                >= 3
+            ),
             timeout_s=20,
         )
         rendered = client.server.app[COMPONENTS].metrics.render().decode()
