@@ -2,8 +2,8 @@
 
 Exit codes: 0 clean shutdown (or a finished command), 1 a one-shot command did not get through (``send``: not
 a 2xx; ``redrive``: Kafka failed, re-run from the printed offsets; ``check``: a check failed), 2 invalid
-configuration (including a spool this worker count would strand), 3 failed while starting or running (e.g. the
-broker refused the idempotent producer).
+configuration (including a spool this worker count would strand, and a listening port already in use), 3 failed
+while starting or running (e.g. the broker refused the idempotent producer).
 """
 
 from __future__ import annotations
