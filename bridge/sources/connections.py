@@ -17,6 +17,10 @@ hold connections with unfinished heads can then take every file descriptor, and 
   the waiting connections and closes them at once (``uv__emfile_trick``), so their clients see a reset. For it,
   a probe every second duplicates a descriptor: when that fails, accept() fails too.
 
+Not covered: a partial head pipelined behind a request in progress, or arriving in the instant between an answer
+and aiohttp's wait for the next request, is left to the idle timer; a TLS handshake has the header deadline as
+its own timeout but counts towards the bound only once it completed.
+
 The tracking reads two fields of aiohttp's ``RequestHandler`` (``_request_count``: heads parsed; ``_waiter``:
 pending while it waits for the next request), pinned by ``constraints.txt`` and covered by
 tests/sources/test_connections.py.
