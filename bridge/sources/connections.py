@@ -70,9 +70,8 @@ _ACCEPT_ERRNOS: Final = {
 
 def connection_bound(configured: int) -> int:
     """``configured`` when set (> 0), else the soft ``RLIMIT_NOFILE`` minus a reserve of
-    ``max(MIN_RESERVED_FDS, RESERVED_FDS_SHARE * limit) + 2 * BACKLOG`` (4096 -> 3431, 1024 -> 666, 512 -> 192;
-    at least 16).
-    A configured bound above that is logged."""
+    ``max(MIN_RESERVED_FDS, RESERVED_FDS_SHARE * limit) + 2 * BACKLOG``: 4096 -> 3431, 1024 -> 666, 512 -> 192
+    (at least 16). A configured bound above the derived one is logged as too high."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
@@ -93,8 +92,9 @@ def connection_bound(configured: int) -> int:
 class ConnectionGuard:
     """The header deadline and the connection bound for every connection of one server process.
 
-    ``start(app)`` before the first connection (metrics, loop hooks), ``stop()`` when serving ends;
-    ``protocol_factory(server)`` is what the listening sockets get instead of aiohttp's ``Server``.
+    ``start()`` in the serving loop before the first connection, ``stop()`` when serving ends;
+    ``protocol_factory(server)`` is what the listening sockets get instead of aiohttp's ``Server``, and
+    ``watch_listener(sock)`` starts the descriptor probe.
     """
 
     def __init__(
