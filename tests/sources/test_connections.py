@@ -11,8 +11,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -47,8 +48,9 @@ async def drip(connection: RawConnection, *, interval_s: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(*coroutines: object) -> AsyncIterator[None]:
-    tasks = [asyncio.ensure_future(c) for c in coroutines]  # type: ignore[call-overload]
+async def running(*coroutines: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """The coroutines as tasks while inside; cancelled on the way out."""
+    tasks = [asyncio.create_task(c) for c in coroutines]
     try:
         yield
     finally:
