@@ -32,7 +32,8 @@ class Served:
         return self.app[COMPONENTS].metrics
 
     def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        scheme = "https" if self.app[COMPONENTS].tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}{path}"
 
     def closed(self, reason: str) -> float:
         """``vod_bridge_http_connections_closed_total{reason}``."""
@@ -42,8 +43,8 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serve_like_cli(settings: Settings) -> AsyncIterator[Served]:
-    """On 127.0.0.1 and an ephemeral port, once the producer is connected. ``web.run_app``'s runner defaults: no
-    handler cancellation on client disconnect."""
+    """On 127.0.0.1 and an ephemeral port (HTTPS when the settings have a certificate), once the producer is
+    connected. ``web.run_app``'s runner defaults: no handler cancellation on client disconnect."""
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=False, shutdown_timeout=2, **runner_options(settings))
     await runner.setup()
@@ -54,9 +55,10 @@ async def serve_like_cli(settings: Settings) -> AsyncIterator[Served]:
     )
     guard.start()
     listeners = bind_listeners("127.0.0.1", 0, reuse_port=False)
+    tls = app[COMPONENTS].tls
     try:
         for sock in listeners:
-            await GuardedSite(runner, sock, guard).start()
+            await GuardedSite(runner, sock, guard, ssl_context=tls.context if tls is not None else None).start()
         await wait_until(lambda: app[COMPONENTS].sink.ready, timeout_s=15)
         host, port = listeners[0].getsockname()[:2]
         assert runner.server is not None
