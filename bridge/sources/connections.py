@@ -39,6 +39,7 @@ from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from prometheus_client import Gauge
 
 from bridge.ops.metrics import Metrics
 
@@ -126,9 +127,14 @@ class ConnectionGuard:
         self._closed_by_reason = {
             reason: self._closed.labels(reason) for reason in ("header_timeout", "evicted", "over_limit")
         }
-        # Counted at each change rather than read at a scrape: with --workers, a scrape answered by one worker
-        # then sees every worker's count as it is, not as it was at the last gauge refresh.
-        self._open_gauge = metrics.connections_open
+        # With --workers, counted at each change rather than refreshed every second: a scrape answered by one
+        # worker then sees every worker's count as it is. A single process reads it at the scrape (no lock taken
+        # per connection).
+        self._open_gauge: Gauge | None = None
+        if metrics.multiprocess_dir is None:
+            metrics.feed(metrics.connections_open, lambda: float(len(self._open)))
+        else:
+            self._open_gauge = metrics.connections_open
 
     @property
     def open_connections(self) -> int:
@@ -209,7 +215,8 @@ class ConnectionGuard:
                 victim.abort()
                 self._closed_by_reason["evicted"].inc()
         self._open[connection] = None
-        self._open_gauge.inc()
+        if self._open_gauge is not None:
+            self._open_gauge.inc()
         self._head_started(connection, now)
         return True
 
@@ -246,7 +253,8 @@ class ConnectionGuard:
     def _forget(self, connection: TrackedConnection) -> None:
         if connection in self._open:
             del self._open[connection]
-            self._open_gauge.dec()
+            if self._open_gauge is not None:
+                self._open_gauge.dec()
         self._heads.pop(connection, None)
         self._slow.pop(connection, None)
 
