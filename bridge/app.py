@@ -156,9 +156,10 @@ def create_app(
 
 
 def runner_options(settings: Settings) -> dict[str, Any]:
-    """Options for ``web.run_app``/``AppRunner``: access lines at DEBUG only, with secrets redacted; idle and
-    slow-header connections closed after ``idle_timeout_s``; request bodies never inflated (a
-    ``Content-Encoding`` is refused instead, so a compression bomb costs nothing, not even while lingering)."""
+    """Options for ``web.run_app``/``AppRunner``: access lines at DEBUG only, with secrets redacted; idle
+    connections closed after ``idle_timeout_s`` (unfinished request heads after ``header_timeout_s``, by
+    bridge.sources.connections, which ``serve`` puts in front of every connection); request bodies never inflated
+    (a ``Content-Encoding`` is refused instead, so a compression bomb costs nothing, not even while lingering)."""
     return {
         "access_log_class": RedactingAccessLogger,
         "access_log": logging.getLogger("bridge.access"),

@@ -3,8 +3,8 @@
 Exit codes (README "Exit codes"): 0 clean shutdown (also one that abandoned records Kafka never acknowledged, none
 of which was answered 200 or confirmed) or a finished command, 1 a one-shot command did not get through (``send``:
 not a 2xx; ``redrive``: Kafka failed, re-run from the printed offsets; ``check``: a check failed), 2 invalid
-configuration (including a spool this worker count would strand), 3 failed while starting or running (e.g. the
-broker refused the idempotent producer, or a producer could not be replaced).
+configuration (including a spool this worker count would strand, and a listening port already in use), 3 failed
+while starting or running (e.g. the broker refused the idempotent producer, or a producer could not be replaced).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -57,6 +58,9 @@ from bridge.ops.redrive import (
 from bridge.ops.schema import DEFAULT_SCHEMA, SCHEMA_NAMES, UnknownSchema, render, schema_document, write_schemas
 from bridge.ops.tail import tail
 from bridge.ops.workers import run_workers
+from bridge.sources.connections import ConnectionGuard, connection_bound
+from bridge.sources.listen import bind_listeners, listening_urls
+from bridge.sources.listen import run as run_server
 from bridge.sources.poller import check_window
 from bridge.sources.tls import check_files as check_tls_files
 from bridge.vod.api import Credentials
@@ -226,9 +230,11 @@ def serve(
     credentials: Credentials | None = None,
     metrics: Metrics | None = None,
     extra_cleanup: Sequence[CleanupCtx] = (),
+    listeners: Sequence[socket.socket] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT: stop accepting, finish in-flight publishes, flush, exit 0. ``metrics`` is
-    multiprocess for a worker of ``--workers N``."""
+    multiprocess for a worker of ``--workers N``. ``listeners``: sockets already bound to the configured address
+    (``bind_listeners``), else bound here; either way before anything says the bridge listens."""
     failures: list[BaseException] = []
     # Until the app handles SIGHUP (certificate reload), one (e.g. forwarded by --workers) must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -250,31 +256,47 @@ def serve(
     app.cleanup_ctx.append(reload_on_sighup)
     for ctx in extra_cleanup:
         app.cleanup_ctx.append(ctx)
-    logger.info(
-        "vod-bridge %s listening on %s://%s:%d%s -> kafka %s topic %s",
-        __version__,
-        _scheme(settings),
-        settings.http.host,
-        settings.http.port,
-        settings.http.callback_path,
-        settings.kafka.bootstrap_servers,
-        settings.kafka.topic,
+    # Bound before anything announces the address: a busy port is a configuration error, said once.
+    if listeners is None:
+        try:
+            listeners = _bind(settings)
+        except ConfigError as exc:
+            print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
+            return EXIT_CONFIG
+    guard = ConnectionGuard(
+        header_timeout_s=settings.http.header_timeout_s,
+        max_connections=connection_bound(settings.http.max_connections),
+        metrics=components.metrics,
     )
+
+    def announce() -> None:
+        logger.info(
+            "vod-bridge %s listening on %s%s -> kafka %s topic %s (at most %d connections)",
+            __version__,
+            ", ".join(listening_urls(listeners, scheme=_scheme(settings))),
+            settings.http.callback_path,
+            settings.kafka.bootstrap_servers,
+            settings.kafka.topic,
+            guard.max_connections,
+        )
+
     try:
-        web.run_app(
+        run_server(
             app,
-            host=settings.http.host,
-            port=settings.http.port,
-            reuse_port=settings.http.reuse_port or None,
-            shutdown_timeout=settings.http.shutdown_timeout_s,
-            print=None,
-            ssl_context=components.tls.context if components.tls is not None else None,
+            listeners,
+            guard,
             loop=new_event_loop(settings.event_loop),
+            ssl_context=components.tls.context if components.tls is not None else None,
+            shutdown_timeout_s=settings.http.shutdown_timeout_s,
+            on_serving=announce,
             **runner_options(settings),
         )
     except (OSError, BridgeError) as exc:
         logger.critical("failed: %s", exc)
         return EXIT_FAILED
+    finally:
+        for sock in listeners:
+            sock.close()
     if failures:
         return EXIT_FAILED
     if sink.abandoned:
@@ -288,6 +310,10 @@ def serve(
         return EXIT_OK
     logger.info("vod-bridge stopped cleanly")
     return EXIT_OK
+
+
+def _bind(settings: Settings) -> list[socket.socket]:
+    return bind_listeners(settings.http.host, settings.http.port, reuse_port=settings.http.reuse_port)
 
 
 def new_event_loop(choice: EventLoop) -> asyncio.AbstractEventLoop:
@@ -321,6 +347,12 @@ def event_topics(settings: Settings) -> set[str]:
 
 def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
     """`make run`: an embedded tansu broker, the bridge on it, a ready curl line and a live record printer."""
+    # Before the broker starts: a busy port ends the start at once, with nothing said to be listening.
+    try:
+        listeners = _bind(settings)
+    except ConfigError as exc:
+        print(f"vod-bridge: configuration error: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
     broker = EmbeddedBroker()
     broker.start()
     # tansu rejects aiokafka's InitProducerId; acks=all still holds (README "Idempotence").
@@ -356,7 +388,7 @@ def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
             await task
 
     try:
-        return serve(settings, credentials=credentials, extra_cleanup=[record_printer])
+        return serve(settings, credentials=credentials, extra_cleanup=[record_printer], listeners=listeners)
     finally:
         broker.stop()
 

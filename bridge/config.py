@@ -84,6 +84,12 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     body_timeout_s: float = 10.0
     #: Idle keep-alive connections, and clients still sending their headers, are closed after this.
     idle_timeout_s: float = 30.0
+    #: A request line and headers must be complete this long after accept, or after the request's first byte on
+    #: a keep-alive connection; the connection is closed otherwise (bridge.sources.connections).
+    header_timeout_s: float = 10.0
+    #: Open connections at most; at the bound the oldest unfinished head (or an idle keep-alive) makes room.
+    #: 0: the soft RLIMIT_NOFILE minus a reserve of max(64, 10 %) for Kafka, the spool and logs.
+    max_connections: int = 0
     #: Bind with SO_REUSEPORT so several processes share the port (set for each of ``--workers``).
     reuse_port: bool = False
     #: Graceful shutdown: how long in-flight callbacks may take to finish after SIGTERM.
@@ -278,6 +284,16 @@ ENV_VARS: Final = (
         "BRIDGE_HTTP_IDLE_TIMEOUT_S",
         "http.idle_timeout_s",
         "idle keep-alive connections, and clients still sending headers, are closed after this",
+    ),
+    EnvVar(
+        "BRIDGE_HTTP_HEADER_TIMEOUT_S",
+        "http.header_timeout_s",
+        "time a request line and headers may take, from accept or from a request's first byte; then close",
+    ),
+    EnvVar(
+        "BRIDGE_HTTP_MAX_CONNECTIONS",
+        "http.max_connections",
+        '`0`: the file limit (`RLIMIT_NOFILE`) minus max(64, 10 %); see "Slow clients and connection limits"',
     ),
     EnvVar(
         "BRIDGE_HTTP_REUSE_PORT",
@@ -570,6 +586,8 @@ def validate_settings(settings: Settings) -> None:
         (http.max_body_bytes >= 1024, "BRIDGE_HTTP_MAX_BODY_BYTES: must be >= 1024"),
         (http.body_timeout_s > 0, "BRIDGE_HTTP_BODY_TIMEOUT_S: must be > 0"),
         (http.idle_timeout_s > 0, "BRIDGE_HTTP_IDLE_TIMEOUT_S: must be > 0"),
+        (http.header_timeout_s > 0, "BRIDGE_HTTP_HEADER_TIMEOUT_S: must be > 0"),
+        (http.max_connections >= 0, "BRIDGE_HTTP_MAX_CONNECTIONS: must be >= 0 (0: derived from RLIMIT_NOFILE)"),
         (http.shutdown_timeout_s >= 0, "BRIDGE_SHUTDOWN_TIMEOUT_S: must be >= 0"),
         (
             (http.tls_cert_file is None) == (http.tls_key_file is None),

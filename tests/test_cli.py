@@ -211,3 +211,30 @@ def test_send_posts_a_signed_sample_to_a_running_bridge(vod_bridge: VodBridge) -
     (record,) = vod_bridge.records(1)
     assert record.key == b"sent-1"
     vod_bridge.assert_no_records(within_s=0.5)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["dev"], ["serve", "--workers", "2"]], ids=" ".join)
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_busy_port_exits_2_before_anything_says_it_listens(command: list[str], host: str) -> None:
+    """The socket is bound before the "listening" line and the dev banner: a port another process holds ends the
+    start with the configuration exit code and one message naming the address, the port and their settings."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        # serve would otherwise fail on Kafka first: nothing listens on this broker address.
+        env = bridge_env(BRIDGE_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", *command, "--host", host, "--port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert f"cannot listen on {host} port {port}: address already in use" in result.stderr
+    assert "BRIDGE_HTTP_PORT / --port" in result.stderr
+    assert "listening on" not in output
+    assert "is up" not in output
+    assert "Traceback" not in output

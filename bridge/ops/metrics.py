@@ -204,6 +204,23 @@ class Metrics:
             "answered 200 or confirmed)",
             registry=r,
         )
+        # bridge.sources.connections: each worker bounds its own connections, so the open ones add up.
+        self.connections_open = Gauge(
+            "vod_bridge_http_connections_open", "Open HTTP connections", multiprocess_mode="livesum", registry=r
+        )
+        self.connections_closed = Counter(
+            "vod_bridge_http_connections_closed",
+            "HTTP connections closed by the bridge: header_timeout, evicted (to make room at the bound), over_limit",
+            ["reason"],
+            registry=r,
+        )
+        self.accept_failures = Counter(
+            "vod_bridge_http_accept_failures",
+            "accept() calls that failed for lack of resources, by errno (uvloop: one-second probes that found no free"
+            " file descriptor)",
+            ["error"],
+            registry=r,
+        )
         self._declare_known_series()
 
     def _declare_known_series(self) -> None:

@@ -19,19 +19,26 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import msgspec
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from bridge.config import SUB_APP_ID_PATTERN, HttpSettings
 from bridge.delivery.pipeline import DeadLettered, Delivery, Duplicate, Failed, Published, Refused, Spooled
-from bridge.errors import AuthFailed, BodyTimeout, Forbidden, InvalidPayload, PayloadTooLarge, UnsupportedEncoding
+from bridge.errors import (
+    AuthFailed,
+    BodyTimeout,
+    Forbidden,
+    InvalidPayload,
+    PayloadTooLarge,
+    UnsupportedEncoding,
+)
 from bridge.ops.logs import describe_parse_error
 from bridge.ops.metrics import Metrics
 from bridge.ops.tracing import NO_SPAN, EventSpan, EventTracer, tracing_off
 from bridge.sources.access import SourceFilter, verify_token
-from bridge.sources.http import ClientGone, error_body, json_answer, published_answer
+from bridge.sources.http import ClientGone, ExpectationFailed, error_body, json_answer, published_answer
 from bridge.vod.decode import read_event
 from bridge.vod.signing import verify_sign
 
@@ -188,20 +195,31 @@ class CallbackReceiver:
             raise InvalidPayload("empty body: expected a VOD event JSON object", reason="empty_body")
         return body
 
-    async def expect_continue(self, request: web.Request) -> None:
-        """``Expect: 100-continue``: refuse an oversized body before inviting the client to send it."""
-        limit = self._settings.max_body_bytes
+    async def expect_continue(self, request: web.Request) -> web.Response | None:
+        """``Expect: 100-continue``: the same checks, in the same order, as without the header (allow-list and
+        token, then the declared size), before inviting the client to send its body.
+
+        Returns the JSON refusal (counted and logged like any other) or None after writing ``100 Continue``.
+        aiohttp runs expect handlers outside the middleware chain, so the answer is built here.
+        """
         try:
-            check_declared_size(request, limit)
-        except PayloadTooLarge as exc:
-            # Expect handlers run outside the middleware chain: build the JSON answer here.
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=limit,
-                actual_size=request.content_length or 0,
-                text=msgspec.json.encode(error_body(exc.code, exc.message)).decode(),
-                content_type="application/json",
-            ) from None
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self._check_source:
+                self._authorize_source(request)
+            expect = request.headers.get("Expect", "")
+            if request.version >= HttpVersion11 and expect.strip().lower() != "100-continue":
+                raise ExpectationFailed(f"Expect {expect[:40]!r} is not supported; send 100-continue or nothing")
+            check_declared_size(request, self._settings.max_body_bytes)
+        except (AuthFailed, Forbidden, PayloadTooLarge, ExpectationFailed) as exc:
+            self._reject(request, exc.reason if isinstance(exc, AuthFailed) else exc.code, exc.message)
+            response = json_answer(error_body(exc.code, exc.message), status=exc.status)
+            # The client holds its body back until it sees 100: nothing to linger on, the connection is done.
+            response.force_close()
+            return response
+        if request.version >= HttpVersion11:  # an HTTP/1.0 client does not wait for an interim answer
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # As aiohttp's own expect handler: the 100 is not part of the response's size.
+            request.writer.output_size = 0
+        return None
 
 
 def check_declared_size(request: web.BaseRequest, limit: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Final
 
 import msgspec
@@ -18,6 +19,13 @@ class ClientGone(BridgeError):
     """The client hung up mid-request; nobody will read an answer."""
 
     code = "client_disconnected"
+
+
+class ExpectationFailed(BridgeError):
+    """An ``Expect`` header other than ``100-continue`` (RFC 9110 10.1.1): 417."""
+
+    status = HTTPStatus.EXPECTATION_FAILED
+    code = "expectation_failed"
 
 
 _BODY_NOT_READ = (PayloadTooLarge, UnsupportedEncoding, BodyTimeout, ClientGone)

@@ -28,9 +28,11 @@ import trustme
 from aiohttp import web
 from conftest import Kafka, read_records, sample_event, wait_until
 from faultkit import bridge_env, spawn
+from servekit import Served as GuardedServer
+from servekit import serve_like_cli
 from yarl import URL
 
-from bridge.app import COMPONENTS, create_app, runner_options
+from bridge.app import COMPONENTS
 from bridge.cli import EXIT_CONFIG, main
 from bridge.config import Settings
 from bridge.ops.embedded import free_port
@@ -86,30 +88,22 @@ class Served:
     url: str
     tls: ServerTls
     metrics: Metrics
+    server: GuardedServer
 
 
 @pytest.fixture
 async def serve_tls() -> AsyncIterator[Callable[..., Any]]:
-    """Factory: the real app on 127.0.0.1 with its own TLS context, as ``vod-bridge serve`` binds it."""
-    runners: list[web.AppRunner] = []
+    """Factory: the real app on 127.0.0.1 with its own TLS context, as ``vod-bridge serve`` binds it
+    (tests/servekit.py: through the connection guard)."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def serve(settings: Settings) -> Served:
-        app = create_app(settings)
-        components = app[COMPONENTS]
-        tls = components.tls
-        assert tls is not None
-        runner = web.AppRunner(app, **runner_options(settings))
-        runners.append(runner)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.context).start()
-        host, port = runner.addresses[0][:2]
-        # Connected before the test goes on: a producer closed mid-connect leaks aiokafka's connection.
-        await wait_until(lambda: components.sink.ready, timeout_s=15)
-        return Served(f"https://{host}:{port}", tls, components.metrics)
+        async def serve(settings: Settings) -> Served:
+            served = await stack.enter_async_context(serve_like_cli(settings))
+            tls = served.app[COMPONENTS].tls
+            assert tls is not None
+            return Served(served.url("").rstrip("/"), tls, served.metrics, served)
 
-    yield serve
-    for runner in runners:
-        await runner.cleanup()
+        yield serve
 
 
 def tls_settings(make_settings: Callable[..., Settings], files: CertFiles, **http: Any) -> Settings:
@@ -169,6 +163,29 @@ async def test_https_callback_is_published_after_the_kafka_ack(
     (record,) = await read_records(kafka.bootstrap_servers, topic, count=1)
     assert record.key == b"tls-1"
     assert await served_certificate(served.url, trusting) == (expected, "TLSv1.3")
+
+
+async def test_tls_clients_are_held_to_the_header_deadline(make_settings, serve_tls, ca, files) -> None:
+    """A client that connects and never completes its handshake is closed after the header deadline (the
+    handshake's own timeout); so is one that drips a request head over TLS."""
+    files.install(issue(ca))
+    served = await serve_tls(tls_settings(make_settings, files, http_header_timeout_s=1.0))
+    host, port = served.server.host, served.server.port
+    reader, writer = await asyncio.open_connection(host, port)  # no handshake
+    tls_reader, tls_writer = await asyncio.open_connection(host, port, ssl=client_context(ca))
+    try:
+        started = asyncio.get_running_loop().time()
+        tls_writer.write(b"POST /vod/callback HTTP/1.1\r\nHost: x\r\n")
+        for stream in (reader, tls_reader):
+            async with asyncio.timeout(5):
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    while await stream.read(65536):
+                        pass
+        assert asyncio.get_running_loop().time() - started >= 0.9
+        assert served.server.closed("header_timeout") == 1, "the head over TLS; the handshake by asyncio's timeout"
+    finally:
+        writer.transport.abort()
+        tls_writer.transport.abort()
 
 
 async def test_a_client_that_does_not_trust_the_ca_fails_verification(make_settings, serve_tls, ca, files) -> None:

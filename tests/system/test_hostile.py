@@ -34,13 +34,11 @@ import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
 from conftest import (
     BridgeClient,
     Kafka,
@@ -55,8 +53,11 @@ from faultkit import AckHoldingBroker
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from rawhttp import RawConnection, raw_connection, raw_request
+from servekit import Served
+from servekit import serve_like_cli as serve_guarded
 
-from bridge.app import COMPONENTS, create_app, runner_options
+from bridge.app import COMPONENTS
 from bridge.config import SpoolSettings
 from bridge.errors import InvalidPayload
 from bridge.vod.decode import decode_event, read_event
@@ -322,79 +323,6 @@ async def assert_rejected(response: aiohttp.ClientResponse, status: int, code: s
     assert response.content_type == "application/json", context
     body = await response.json()
     assert body["error"] == code and isinstance(body["message"], str), (context, body)
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    #: Interim responses (``100 Continue``) seen before this one.
-    interim: list[int]
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class RawConnection:
-    """A bare TCP connection, for what an HTTP client library will not send."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> RawConnection:
-        return cls(*await asyncio.open_connection(host, port))
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def response(self, *, timeout_s: float = 2.0) -> RawResponse:
-        interim: list[int] = []
-        async with asyncio.timeout(timeout_s):
-            while True:
-                head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                status = int(head[0].split()[1])
-                headers = {
-                    k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)
-                }
-                if 100 <= status < 200:
-                    interim.append(status)
-                    continue
-                body = await self.reader.readexactly(int(headers.get("content-length", "0")))
-                return RawResponse(status, headers, body, interim)
-
-    async def closed_by_server(self, *, within_s: float) -> bool:
-        """True when the server closes (EOF or reset) within ``within_s``; data sent before that is ignored."""
-        try:
-            async with asyncio.timeout(within_s):
-                while await self.reader.read(65536):
-                    pass
-        except TimeoutError:
-            return False
-        except ConnectionError:
-            pass
-        return True
-
-    def close(self) -> None:
-        self.writer.transport.abort()
-
-
-@contextlib.asynccontextmanager
-async def raw_connection(host: str, port: int) -> AsyncIterator[RawConnection]:
-    connection = await RawConnection.open(host, port)
-    try:
-        yield connection
-    finally:
-        connection.close()
-
-
-def raw_request(method: str, path: str, *, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: test"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 # ---- seeded random bodies ----------------------------------------------------------------------------------
@@ -914,51 +842,23 @@ async def test_broken_http_gets_4xx(make_settings, make_client) -> None:
 # ---- slow clients -------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Served:
-    app: web.Application
-    host: str
-    port: int
-    session: aiohttp.ClientSession
-    #: aiohttp's low-level server: ``connections`` (a connection stays listed until its handler finished) and
-    #: ``requests_count`` (requests whose head was parsed and handed to a handler) show what it is doing.
-    server: web.Server
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
-
-
 @pytest.fixture
 async def serve_like_cli(make_settings) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
-    """Serve ``create_app`` the way ``vod-bridge serve`` does (``web.run_app``: no handler cancellation on
-    client disconnect, ``keepalive_timeout`` 75 s unless given), on 127.0.0.1 and an ephemeral port."""
-    runners: list[web.AppRunner] = []
-    sessions: list[aiohttp.ClientSession] = []
+    """Serve ``create_app`` the way ``vod-bridge serve`` does (tests/servekit.py), on 127.0.0.1 and an ephemeral
+    port; keep-alive (idle) and header timeouts of 75 s unless given."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def serve(*, keepalive_timeout_s: float = 75.0, body_timeout_s: float = 10.0) -> Served:
-        settings = make_settings(http_idle_timeout_s=keepalive_timeout_s, http_body_timeout_s=body_timeout_s)
-        app = create_app(settings)
-        runner = web.AppRunner(
-            app,
-            handler_cancellation=False,  # web.run_app's default
-            shutdown_timeout=2,
-            **runner_options(settings),
-        )
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        await wait_until(lambda: app[COMPONENTS].sink.ready, timeout_s=15)
-        session = aiohttp.ClientSession()
-        sessions.append(session)
-        assert runner.server is not None
-        return Served(app, host, port, session, runner.server)
+        async def serve(
+            *, keepalive_timeout_s: float = 75.0, body_timeout_s: float = 10.0, header_timeout_s: float = 75.0
+        ) -> Served:
+            settings = make_settings(
+                http_idle_timeout_s=keepalive_timeout_s,
+                http_body_timeout_s=body_timeout_s,
+                http_header_timeout_s=header_timeout_s,
+            )
+            return await stack.enter_async_context(serve_guarded(settings))
 
-    yield serve
-    for session in sessions:
-        await session.close()
-    for runner in runners:
-        await runner.cleanup()
+        yield serve
 
 
 HEAD_OF_A_POST = b"POST /vod/callback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -1007,13 +907,13 @@ async def test_slow_loris_does_not_starve_normal_requests(serve_like_cli) -> Non
     """What protects the service: aiohttp parses every connection in its own protocol object, on the event loop,
     without a thread or worker per connection, so a stalled or trickling client costs a socket, a small buffer
     and (once its headers are complete) an idle handler task awaiting ``request.read()``: it blocks nobody else.
-    There is no concurrency cap, so what such clients exhaust is file descriptors (and up to the body limit of
-    buffer each, for trickled bodies), not the event loop.
+    What such clients could exhaust is file descriptors: the connection bound (tests/sources/test_connections.py)
+    keeps them below the file limit.
 
-    Timeouts (aiohttp 3.14): there is no separate header read timeout; the keep-alive timer, armed when the
-    connection is made and not pushed back by incoming bytes, closes a connection whose request head is not
-    complete after ``keepalive_timeout`` (the bridge sets it to ``BRIDGE_HTTP_IDLE_TIMEOUT_S``). Once the head
-    is complete, ``BRIDGE_HTTP_BODY_TIMEOUT_S`` bounds the wait for the body (see the test below).
+    Timeouts: ``BRIDGE_HTTP_HEADER_TIMEOUT_S`` closes a connection whose request head is not complete in time
+    (bridge.sources.connections); aiohttp's keep-alive timer (``BRIDGE_HTTP_IDLE_TIMEOUT_S``), armed when the
+    connection is made and not pushed back by incoming bytes, too. Once the head is complete,
+    ``BRIDGE_HTTP_BODY_TIMEOUT_S`` bounds the wait for the body (see the tests below).
     """
     served = await serve_like_cli()
     async with slow_clients(served, each=4) as kinds:
