@@ -202,13 +202,12 @@ async def test_a_record_kafka_refuses_for_good_is_dead_lettered_and_the_queue_mo
     assert 'vod_bridge_events_dead_lettered_total{reason="kafka_refused",source="callback"} 1.0' in rendered
 
 
-async def test_a_record_no_topic_takes_is_kept_on_disk_not_retried_for_ever(
-    kafka: Kafka, topic: str, tmp_path: Path
-) -> None:
+async def forward_one_no_topic_takes(kafka: Kafka, topic: str, spool_dir: Path, metrics: Metrics) -> bytes:
+    """Spool a record neither its topic nor the dead-letter topic takes, then one they do; forward both until the
+    spool is drained. Returns the refused record's value."""
     # A real client-side limit: a record over max_request_size is refused by the producer for every topic.
     sink = await _connected(kafka, topic, max_record_bytes=1024)
-    metrics = Metrics()
-    spool = AsyncSpool(Spool.open(tmp_path, fsync=False))
+    spool = AsyncSpool(Spool.open(spool_dir, fsync=False))
     forwarder = SpoolForwarder(spool, sink, metrics, topic_for=lambda _: topic, dead_letter_topic=f"{topic}.dlq")
     huge = _event("huge", SessionContext="x" * 200_000)
     now = datetime.now(UTC)
@@ -219,10 +218,18 @@ async def test_a_record_no_topic_takes_is_kept_on_disk_not_retried_for_ever(
     finally:
         await spool.close()
         await sink.close()
+    return huge.value
+
+
+async def test_a_record_no_topic_takes_is_kept_on_disk_not_retried_for_ever(
+    kafka: Kafka, topic: str, tmp_path: Path
+) -> None:
+    metrics = Metrics()
+    huge_value = await forward_one_no_topic_takes(kafka, topic, tmp_path, metrics)
     (record,) = await read_records(kafka.bootstrap_servers, topic, count=1, settle_s=0.5)
     assert record.key == b"after-huge"
     (kept,) = (tmp_path / "refused").iterdir()
-    assert kept.read_bytes() == huge.value
+    assert kept.read_bytes() == huge_value
     assert "vod_bridge_spool_set_aside_total 1.0" in metrics.render().decode()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Kafka, read_records, wait_until
-from test_forwarder import _connected, _drain, _event
+from test_forwarder import _connected, _drain, _event, forward_one_no_topic_takes
 
 from bridge.delivery import forwarder as forwarder_module
 from bridge.delivery.forwarder import SpoolForwarder
@@ -110,23 +110,11 @@ async def test_a_refused_record_that_cannot_be_copied_aside_stays_in_the_spool_a
         real(path, value)
 
     monkeypatch.setattr(forwarder_module, "_write_refused", full_disk_twice)
-    # A real client-side limit: a record over max_request_size is refused by the producer for every topic.
-    sink = await _connected(kafka, topic, max_record_bytes=1024)
     metrics = Metrics()
-    spool = AsyncSpool(Spool.open(tmp_path, fsync=False))
-    forwarder = SpoolForwarder(spool, sink, metrics, topic_for=lambda _: topic, dead_letter_topic=f"{topic}.dlq")
-    huge = _event("huge", SessionContext="x" * 200_000)
-    now = datetime.now(UTC)
-    try:
-        await forwarder.store(huge, source="callback", received_at=now)
-        await forwarder.store(_event("after-huge"), source="callback", received_at=now)
-        await _drain(forwarder)
-    finally:
-        await spool.close()
-        await sink.close()
+    huge_value = await forward_one_no_topic_takes(kafka, topic, tmp_path, metrics)
     assert failures_left == [0]
     (kept,) = (tmp_path / "refused").iterdir()
-    assert kept.read_bytes() == huge.value
+    assert kept.read_bytes() == huge_value
     assert series(metrics, "vod_bridge_spool_set_aside_failures_total") == 2
     assert series(metrics, "vod_bridge_spool_set_aside_total") == 1
     records = await read_records(kafka.bootstrap_servers, topic, count=1)
