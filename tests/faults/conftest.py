@@ -3,8 +3,20 @@ else each of its tests skips with the reason."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 from netns import isolation_problem
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hand the name ``conftest`` back to tests/conftest.py: pytest loaded this file under that name too (both are
+    outside a package), and the suite imports the shared helpers (``from conftest import wait_until``, faultkit)
+    from there."""
+    root = config.pluginmanager.get_plugin(str(Path(__file__).resolve().parent.parent / "conftest.py"))
+    if root is not None:
+        sys.modules["conftest"] = root
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -14,3 +26,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/faults/" in str(item.path):
             item.add_marker(pytest.mark.skip(reason=f"fault suite: {problem}"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Every scenario's result line again at the end (scenarios.RESULT_LINES), visible even when output is captured."""
+    from scenarios import RESULT_LINES
+
+    if RESULT_LINES:
+        terminalreporter.write_sep("-", "fault scenarios")
+        for line in RESULT_LINES:
+            terminalreporter.write_line(line)
