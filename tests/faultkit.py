@@ -216,7 +216,8 @@ class Witness:
     """A consumer reading the topic from the start for the whole test, remembering every key it saw —
     also records that an in-memory broker forgets when it is killed."""
 
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+    def __init__(self, bootstrap_servers: str, topic: str, **consumer_options: Any) -> None:
+        """``consumer_options`` go to the AIOKafkaConsumer (e.g. a shorter ``request_timeout_ms``)."""
         self.seen: set[str] = set()
         #: Per key, the (partition, offset) of every copy read: more than one is a duplicate (a rewind re-reads
         #: the same offsets, which count once).
@@ -229,6 +230,7 @@ class Witness:
             auto_offset_reset="earliest",
             enable_auto_commit=False,
             metadata_max_age_ms=1000,
+            **consumer_options,
         )
         self._task: asyncio.Task[None] | None = None
 

@@ -3,6 +3,7 @@ else each of its tests skips with the reason."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -36,3 +37,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_sep("-", "fault scenarios")
         for line in RESULT_LINES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_witness() -> None:
+    """The witness consumer sees every cut too: its connection errors are expected, and would bury the bridge's
+    own log in a failure report. (tests/conftest.py restores the aiokafka logger's level after each test.)"""
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

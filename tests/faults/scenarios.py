@@ -153,7 +153,9 @@ async def rig(tmp_path: Path, *, spool_dir: Path | None = None, **extra_env: str
         bridge = BridgeProcess(env, tmp_path / "bridge.log")
         try:
             await bridge.start()
-            async with Witness(cluster.bootstrap_servers, topic) as witness:
+            # A reset can leave the witness's fetch half-open (the broker's answer met the cut, the consumer never
+            # heard): a short request timeout lets it notice in seconds, not aiokafka's default 40.
+            async with Witness(cluster.bootstrap_servers, topic, request_timeout_ms=5000) as witness:
                 yield Rig(cluster, bridge, witness, firewall, spool, topic)
         finally:
             firewall.heal()

@@ -21,7 +21,7 @@ from conftest import wait_until
 from faultkit import drive
 from scenarios import TRIALS, Rig, poll, result, rig
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(200)
 
 EVENTS = 1000
 RATE_PER_S = 90.0  # ~11 s of load: long enough for every cut to come while callbacks are still arriving
@@ -30,6 +30,8 @@ CUTS_S = (0.3, 0.7, 0.5, 1.0, 0.4, 0.6, 0.3, 0.8)
 #: From the heal to an empty spool and every acked key in Kafka: generous for a loaded 2-core machine, short
 #: enough that a wedged client fails the trial quickly.
 DRAIN_BOUND_S = 30.0
+#: After a failed trial, how much longer to watch for a late recovery: a slow drain and a wedge read differently.
+LATER_S = 30.0
 
 CLIENTS = {
     # The production default: aiokafka on uvloop (BRIDGE_EVENT_LOOP=auto picks it when installed).
@@ -67,7 +69,12 @@ async def test_repeated_resets_with_publishes_in_flight_then_drain(client: str, 
         except AssertionError as exc:
             # A wedge: report the trial's figures like any other, then fail it with what was seen.
             drain_s, lost = time.monotonic() - heals[-1], set(report.acked) - r.witness.seen
-            wedged = f"{exc}\n{await r.diagnose()}"
+            later = await _acks_again_within(r, LATER_S)
+            wedged = (
+                f"{exc}\n"
+                + (f"Kafka acked again {later:.1f}s later" if later is not None else f"still no ack {LATER_S:g}s later")
+                + f"\n{await r.diagnose()}"
+            )
         finally:
             load.cancel()
         in_kafka_s = time.monotonic() - heals[-1]
@@ -112,3 +119,16 @@ async def _reset_repeatedly(r: Rig, in_flight_at_cuts: list[int], heals: list[fl
         await asyncio.sleep(cut_s)
         r.firewall.heal()
         heals.append(time.monotonic())
+
+
+async def _acks_again_within(r: Rig, timeout_s: float) -> float | None:
+    """How long until Kafka acknowledges anything more of this bridge, or None if not within ``timeout_s``."""
+    before = await r.published()
+
+    async def acking() -> bool:
+        return await r.published() > before
+
+    try:
+        return await poll(acking, timeout_s=timeout_s, what="Kafka acking again")
+    except AssertionError:
+        return None
