@@ -4,6 +4,7 @@ else each of its tests skips with the reason."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,3 +45,18 @@ def _quiet_witness() -> None:
     """The witness consumer sees every cut too: its connection errors are expected, and would bury the bridge's
     own log in a failure report. (tests/conftest.py restores the aiokafka logger's level after each test.)"""
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
+@pytest.fixture
+def _fault_repeat(request: pytest.FixtureRequest) -> int:
+    """Which repetition of its test this is (``FAULT_REPEAT``)."""
+    return int(request.param)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``FAULT_REPEAT=N``: run every test of the suite N times (ids ``...-repeatK``), to measure how often a
+    scenario fails; ``FAULT_TRIALS`` is the reset scenario's own trial count (tests/faults/scenarios.py)."""
+    repeat = int(os.environ.get("FAULT_REPEAT", "1"))
+    if repeat > 1:
+        metafunc.fixturenames.append("_fault_repeat")
+        metafunc.parametrize("_fault_repeat", range(1, repeat + 1), indirect=True, ids=lambda n: f"repeat{n}")
