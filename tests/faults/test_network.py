@@ -31,6 +31,7 @@ async def test_every_broker_unreachable_mid_load(mode: CutMode, tmp_path: Path) 
     """An ~8 s cut of every broker port (dropped packets, or resets) mid-load: every callback answered 200,
     the spool drains to 0 within 30 s of the heal without a restart, and no acknowledged key is lost."""
     keys = [f"cut-{mode}-{i}" for i in range(EVENTS)]
+    failure = ""
     async with rig(tmp_path) as r:
         report = r.report
         load = asyncio.create_task(
@@ -45,15 +46,23 @@ async def test_every_broker_unreachable_mid_load(mode: CutMode, tmp_path: Path) 
         acked_during = len(report.acked) - acked_before
         r.firewall.heal()
         healed_at = time.monotonic()
-        assert not load.done(), "the load still runs after the heal (the cut came mid-load)"
-        # The spool drains while the rest of the load still comes in (behind the spooled events, in order).
-        drain_s = await r.wait_drained(DRAIN_BOUND_S)
-        await asyncio.wait_for(load, timeout=60)
-        load_s = time.monotonic() - r.started
-        assert await r.spool_depth() == 0, "still drained once the load ended"
-        lost = await r.witness.wait_for(set(report.acked), timeout_s=DRAIN_BOUND_S)
+        load_running_at_heal = not load.done()
+        drain_s = load_s = 0.0
+        try:
+            # The spool drains while the rest of the load still comes in (behind the spooled events, in order).
+            drain_s = await r.wait_drained(DRAIN_BOUND_S)
+            await asyncio.wait_for(load, timeout=60)
+            load_s = time.monotonic() - r.started
+            await r.wait_drained(DRAIN_BOUND_S)  # and empty once the load ended
+            lost = await r.witness.wait_for(set(report.acked), timeout_s=DRAIN_BOUND_S)
+            r.assert_alive("after the outage")
+        except (AssertionError, TimeoutError) as exc:
+            # Report the figures like any other run, then fail with what was seen.
+            failure = f"{type(exc).__name__}: {exc}\n{await r.diagnose()}"
+            lost = set(report.acked) - r.witness.seen
+        finally:
+            load.cancel()
         in_kafka_s = time.monotonic() - healed_at
-        r.assert_alive("after the outage")
     result(
         f"every broker unreachable ({mode}, {CUT_S:g} s)",
         r,
@@ -63,6 +72,8 @@ async def test_every_broker_unreachable_mid_load(mode: CutMode, tmp_path: Path) 
         drained_after_heal=drain_s,
         all_in_kafka_after_heal=in_kafka_s,
     )
+    assert not failure, failure
+    assert load_running_at_heal, "the load still ran at the heal (the cut came mid-load)"
     assert acked_during > 0, "callbacks were answered 200 while every broker was unreachable (spooled)"
     assert report.statuses == {200: EVENTS}, "every callback answered 200 at its first attempt"
     assert not lost, f"acked but not in Kafka: {sorted(lost)[:10]}"

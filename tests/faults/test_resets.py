@@ -66,12 +66,12 @@ async def test_repeated_resets_with_publishes_in_flight_then_drain(client: str, 
             await asyncio.wait_for(load, timeout=DRAIN_BOUND_S)
             drain_s = max(drain_s, await r.wait_drained(DRAIN_BOUND_S))
             lost = await r.witness.wait_for(set(report.acked), timeout_s=DRAIN_BOUND_S)
-        except AssertionError as exc:
+        except (AssertionError, TimeoutError) as exc:
             # A wedge: report the trial's figures like any other, then fail it with what was seen.
             drain_s, lost = time.monotonic() - heals[-1], set(report.acked) - r.witness.seen
             later = await _acks_again_within(r, LATER_S)
             wedged = (
-                f"{exc}\n"
+                f"{type(exc).__name__}: {exc}\n"
                 + (f"Kafka acked again {later:.1f}s later" if later is not None else f"still no ack {LATER_S:g}s later")
                 + f"\n{await r.diagnose()}"
             )
