@@ -16,22 +16,29 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 from faultkit import drive
-from scenarios import result, rig
+from scenarios import metric_sum, result, rig
 
 from bridge.delivery.spool.format import HEADER_BYTES, encode_header, scan_segment, segment_first_seq
 
 pytestmark = pytest.mark.timeout(180)
 
 DRAIN_BOUND_S = 30.0
+#: The kills of the SIGKILL loop that come while Kafka is cut, with events only in the spool.
+SPOOL_KILLS = (4, 5, 6)
 
 
 async def test_sigkill_loop_under_load_with_the_spool(tmp_path: Path) -> None:
     """2,000 events from 16 senders retrying as VOD does, the bridge SIGKILLed 10 times and restarted each time
-    while the load runs: every event is acknowledged in the end, and every acknowledged key is in Kafka."""
+    while the load runs: every event is acknowledged in the end, and every acknowledged key is in Kafka.
+
+    Kills 4 to 6 come while every broker is cut (resets): callbacks are spooled then, so those kills hit a bridge
+    with events only in its spool, and the restarts after them start with a spool to drain; Kafka is back before
+    kill 7, whose restart forwards what is left while new callbacks queue behind it."""
     events, kills = 2000, 10
     keys = [f"kill-{i}" for i in range(events)]
     restarts_s: list[float] = []
     in_flight_at_kills: list[int] = []
+    spooled = 0
     async with rig(tmp_path) as r:
         report = r.report
         load = asyncio.create_task(
@@ -40,7 +47,13 @@ async def test_sigkill_loop_under_load_with_the_spool(tmp_path: Path) -> None:
         for kill in range(1, kills + 1):
             # Spread the kills over the load: kill k once k/11 of the events were acknowledged...
             target = kill * events // (kills + 1)
+            if kill == SPOOL_KILLS[0]:
+                r.firewall.cut(r.ports, "reset")
+            elif kill == SPOOL_KILLS[-1] + 1:
+                r.firewall.heal()
             await wait_until(lambda target=target: len(report.acked) >= target, timeout_s=30, interval_s=0.005)
+            # (Spooled by this process so far: its counters die with it.)
+            spooled += int(await metric_sum(r.bridge.port, "vod_bridge_events_spooled_total"))
             # ...at a moment when callbacks are open, so that some die with the bridge, unanswered.
             await wait_until(lambda: report.in_flight > 0, timeout_s=10, interval_s=0.001)
             in_flight_at_kills.append(report.in_flight)  # no await between this and the kill
@@ -52,9 +65,10 @@ async def test_sigkill_loop_under_load_with_the_spool(tmp_path: Path) -> None:
         await asyncio.wait_for(load, timeout=120)
         load_s = time.monotonic() - r.started
         drain_s = await r.wait_drained(DRAIN_BOUND_S)
+        spooled += int(await metric_sum(r.bridge.port, "vod_bridge_events_spooled_total"))
         lost = await r.witness.wait_for(set(report.acked), timeout_s=DRAIN_BOUND_S)
     result(
-        f"SIGKILL x{kills} under load, spool on",
+        f"SIGKILL x{kills} under load, spool on (~{spooled} spooled)",
         r,
         lost,
         load=load_s,
