@@ -3,7 +3,6 @@ else each of its tests skips with the reason."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -40,13 +39,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(line)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_witness() -> None:
-    """The witness consumer sees every cut too: its connection errors are expected, and would bury the bridge's
-    own log in a failure report. (tests/conftest.py restores the aiokafka logger's level after each test.)"""
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-
-
 @pytest.fixture
 def _fault_repeat(request: pytest.FixtureRequest) -> int:
     """Which repetition of its test this is (``FAULT_REPEAT``)."""
@@ -54,7 +46,7 @@ def _fault_repeat(request: pytest.FixtureRequest) -> int:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """``FAULT_REPEAT=N``: run every test of the suite N times (ids ``...-repeatK``), to measure how often a
+    """``FAULT_REPEAT=N``: run every test of the suite N times (ids ``[repeatK-...]``), to measure how often a
     scenario fails; ``FAULT_TRIALS`` is the reset scenario's own trial count (tests/faults/scenarios.py)."""
     repeat = int(os.environ.get("FAULT_REPEAT", "1"))
     if repeat > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 import uuid
@@ -146,6 +147,9 @@ def bridge_settings(bootstrap_servers: str, topic: str, spool_dir: Path, **extra
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path, *, spool_dir: Path | None = None, **extra_env: str) -> AsyncIterator[Rig]:
     """Start the cluster, the bridge and the witness; on the way out heal the firewall and stop them all."""
+    # The witness sees every cut too: its connection errors are expected, and would bury the bridge's own log
+    # in a failure report (tests/conftest.py restores the level after the test).
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     topic = f"faults.{uuid.uuid4().hex[:12]}"
     spool = spool_dir if spool_dir is not None else tmp_path / "spool"
     with MockCluster(brokers=3) as cluster, Firewall() as firewall:
