@@ -27,7 +27,7 @@ from netns import Firewall
 from prometheus_client.parser import text_string_to_metric_families
 
 #: How many times the repeated scenarios run (``FAULT_TRIALS=20 make faults`` to hunt a rare failure).
-TRIALS: Final = int(os.environ.get("FAULT_TRIALS", "3"))
+TRIALS: Final = int(os.environ.get("FAULT_TRIALS", "5"))
 
 #: Every scenario's result line, in the order they ran (printed again at the end of the session).
 RESULT_LINES: list[str] = []

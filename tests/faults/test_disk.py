@@ -59,7 +59,8 @@ async def test_full_spool_disk_then_heal(tmp_path: Path) -> None:
                 lost = await r.witness.wait_for(set(r.report.acked), timeout_s=DRAIN_BOUND_S)
             except AssertionError as exc:
                 failure = str(exc)
-                lost = await r.witness.wait_for(set(r.report.acked), timeout_s=5)
+                # Whatever did reach Kafka counts: the witness may still be reconnecting after the cut.
+                lost = await r.witness.wait_for(set(r.report.acked), timeout_s=15)
             r.firewall.heal()
     result(f"full spool disk (1 MiB tmpfs; spooled per outage {spooled})", r, lost, **durations)
     assert not failure, failure
