@@ -170,18 +170,26 @@ async def drive(
     report: LoadReport,
     retry_for_s: float = 30.0,
     url_of: Any = None,
+    rate_per_s: float | None = None,
 ) -> None:
     """Post one event per key, retrying 503s and connection errors (as VOD would) for up to
-    ``retry_for_s``; every 200 lands in ``report.acked``. ``url_of()`` may change the target mid-run."""
+    ``retry_for_s``; every 200 lands in ``report.acked``. ``url_of()`` may change the target mid-run.
+    ``rate_per_s``: start at most that many new keys a second, so that the load lasts (a fault comes mid-load)."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for key in keys:
         queue.put_nowait(key)
     report.sent += len(keys)
     timeout = aiohttp.ClientTimeout(total=10)
+    started, taken = time.monotonic(), 0
 
     async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal taken
         while not queue.empty():
             key = queue.get_nowait()
+            if rate_per_s is not None:
+                taken += 1
+                # Pacing the load's shape, not waiting for anything: key n starts no earlier than n / rate.
+                await asyncio.sleep(max(0.0, started + taken / rate_per_s - time.monotonic()))
             deadline = time.monotonic() + retry_for_s
             while time.monotonic() < deadline:
                 await report.gate.wait()
@@ -208,8 +216,12 @@ class Witness:
     """A consumer reading the topic from the start for the whole test, remembering every key it saw —
     also records that an in-memory broker forgets when it is killed."""
 
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+    def __init__(self, bootstrap_servers: str, topic: str, **consumer_options: Any) -> None:
+        """``consumer_options`` go to the AIOKafkaConsumer (e.g. a shorter ``request_timeout_ms``)."""
         self.seen: set[str] = set()
+        #: Per key, the (partition, offset) of every copy read: more than one is a duplicate (a rewind re-reads
+        #: the same offsets, which count once).
+        self.copies: dict[str, set[tuple[int, int]]] = {}
         #: Per partition, the offset after the last record read (see :meth:`catch_up`).
         self.next_offsets: dict[TopicPartition, int] = {}
         self._consumer = AIOKafkaConsumer(
@@ -218,6 +230,7 @@ class Witness:
             auto_offset_reset="earliest",
             enable_auto_commit=False,
             metadata_max_age_ms=1000,
+            **consumer_options,
         )
         self._task: asyncio.Task[None] | None = None
 
@@ -238,9 +251,16 @@ class Witness:
             with contextlib.suppress(Exception):
                 for partition, records in (await self._consumer.getmany(timeout_ms=200)).items():
                     self.seen.update(r.key.decode() for r in records)
+                    for r in records:
+                        self.copies.setdefault(r.key.decode(), set()).add((r.partition, r.offset))
                     if records:
                         self.next_offsets[partition] = max(self.next_offsets.get(partition, 0), records[-1].offset + 1)
             await asyncio.sleep(0)
+
+    @property
+    def duplicates(self) -> int:
+        """Extra copies of keys read: records, not keys (a key read three times counts two)."""
+        return sum(len(offsets) - 1 for offsets in self.copies.values())
 
     async def catch_up(self, timeout_s: float = 10) -> dict[TopicPartition, int]:
         """Wait until the witness read every record the broker holds now: up to the end offsets of the topic's
