@@ -8,10 +8,13 @@ outage can again spool about as many events as the first.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
+from conftest import sample_event
 from faultkit import drive
 from netns import tmpfs
 from scenarios import Rig, result, rig
@@ -38,6 +41,21 @@ async def spool_until_full(r: Rig, prefix: str) -> int:
     raise AssertionError(f"no 503s after {MAX_BATCHES * BATCH} callbacks: the spool never filled its 1 MiB disk")
 
 
+async def assert_refused_as_full(r: Rig, outage: str) -> None:
+    """A full spool says so: a callback too big for what is left gets 503 ``spool_full`` (not
+    ``kafka_unavailable``), and ``/readyz`` is 503 with ``"spool": "full"`` while the spool holds events."""
+    event = {**sample_event(f"{outage}-too-big"), "Padding": "x" * 64 * 1024}
+    async with aiohttp.ClientSession() as session, session.post(r.bridge.url, json=event) as response:
+        body = await response.json()
+        assert (response.status, body["error"]) == (503, "spool_full"), body
+        assert response.headers["Retry-After"].isdigit()
+    readyz = await r.bridge.readyz()
+    assert (readyz["status"], readyz["spool"]) == ("not_ready", "full") and readyz["spool_depth"] > 0, readyz
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{r.bridge.port}/metrics") as got:
+        metrics = await got.text()
+    assert re.search(r'vod_bridge_publish_failures_total\{code="spool_full",source="callback"\} [1-9]', metrics)
+
+
 async def test_full_spool_disk_then_heal(tmp_path: Path) -> None:
     """Spool on a 1 MiB tmpfs, every broker cut (resets), callbacks until 503 (disk full); heal: the bridge
     keeps running, the spool drains to 0 by itself, every acked key is in Kafka; a second outage spools again
@@ -54,8 +72,11 @@ async def test_full_spool_disk_then_heal(tmp_path: Path) -> None:
                     started = time.monotonic()
                     spooled.append(await spool_until_full(r, outage))
                     durations[f"{outage}_fill"] = time.monotonic() - started
+                    await assert_refused_as_full(r, outage)
                     r.firewall.heal()
                     durations[f"{outage}_drain"] = await r.wait_drained(DRAIN_BOUND_S)
+                    readyz = await r.bridge.readyz()
+                    assert (readyz["status"], readyz["spool"]) == ("ready", "accepting"), readyz
                 lost = await r.witness.wait_for(set(r.report.acked), timeout_s=DRAIN_BOUND_S)
             except AssertionError as exc:
                 failure = str(exc)
