@@ -335,10 +335,11 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
-    kafka_ready = c.sink.ready
+    # "connected" only while the cluster answers now (bridge.delivery.progress), not since the producer connected.
+    kafka_connected = c.sink.ready and c.sink.reachable
     if c.ready:
         # With a spool, callbacks are accepted (spooled) even while Kafka is unreachable.
-        body: dict[str, Any] = {"status": "ready", "kafka": "connected" if kafka_ready else "unavailable"}
+        body: dict[str, Any] = {"status": "ready", "kafka": "connected" if kafka_connected else "unreachable"}
         if c.forwarder is not None:
             body["spool_depth"] = c.forwarder.depth
         return web.json_response(body)
