@@ -169,8 +169,11 @@ class LibrdkafkaSink:
         self._producer: Producer | None = None
         self._ready = False
         self._in_flight = 0
-        #: Delivery reports served by a librdkafka thread, waiting for the event loop: (future, error, message).
-        self._reports: collections.deque[tuple[asyncio.Future[Ack], KafkaError | None, Message]] = collections.deque()
+        #: Delivery reports served by a librdkafka thread, waiting for the event loop: (future, generation of the
+        #: producer handle that sent it, error, message).
+        self._reports: collections.deque[tuple[asyncio.Future[Ack], int, KafkaError | None, Message]] = (
+            collections.deque()
+        )
         self._polling: threading.Thread | None = None
         self._stop_polling = threading.Event()
         #: Blocking librdkafka calls (list_topics, flush): the handle is not destroyed under them.
@@ -183,8 +186,8 @@ class LibrdkafkaSink:
         self._watching: asyncio.Task[None] | None = None
         self._replacing: asyncio.Task[None] | None = None
         self._watch = ProgressWatch(settings.stall_timeout_s)
-        #: Records produced and not yet reported on (acked, refused, given up or purged), and since when records
-        #: have been held without any of them settling at the broker (None: none held).
+        #: Records the current handle was given and has not reported on yet (acked, refused, given up or purged),
+        #: and since when it has held records without any of them settling at the broker (None: none held).
         self._held = 0
         self._waiting_since: float | None = None
         self._fatal: ProducerFatalError | None = None
@@ -265,6 +268,7 @@ class LibrdkafkaSink:
         self._loop = asyncio.get_running_loop()
         config = producer_config(self._settings, max_record_bytes=self._max_record_bytes)
         self._generation += 1
+        self._held, self._waiting_since = 0, None
         self._pid_settled = asyncio.Event()
         config |= {
             "error_cb": functools.partial(self._on_error, self._generation),
@@ -328,7 +332,11 @@ class LibrdkafkaSink:
         started = time.perf_counter()
         try:
             producer.produce(
-                topic, value, key, headers=record_headers, on_delivery=functools.partial(self._delivered, delivery)
+                topic,
+                value,
+                key,
+                headers=record_headers,
+                on_delivery=functools.partial(self._delivered, delivery, self._generation),
             )
         except BufferError:
             raise Overloaded(f"librdkafka's queue is full ({len(producer)} records)", retry_after_s=1) from None
@@ -482,7 +490,6 @@ class LibrdkafkaSink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DESTROY_TIMEOUT_S):
                     await retiring
-            self._waiting_since = None if self._held == 0 else self._watch.clock()
             await self.connect(max_attempts=self._settings.replace_max_attempts)
         except Exception as exc:
             logger.critical("could not replace the kafka producer (%s); stopping so that it can be restarted", exc)
@@ -510,9 +517,11 @@ class LibrdkafkaSink:
             if self._reports:
                 self._schedule_settle()
 
-    def _delivered(self, delivery: asyncio.Future[Ack], error: KafkaError | None, message: Message) -> None:
+    def _delivered(
+        self, delivery: asyncio.Future[Ack], generation: int, error: KafkaError | None, message: Message
+    ) -> None:
         # On a librdkafka-serving thread: only queue the report; the loop resolves the future (_settle).
-        self._reports.append((delivery, error, message))
+        self._reports.append((delivery, generation, error, message))
 
     def _schedule_settle(self) -> None:
         # One wake-up of the loop per batch of reports, not per record.
@@ -552,13 +561,14 @@ class LibrdkafkaSink:
     def _settle(self) -> None:
         reports = self._reports
         while reports:
-            delivery, error, message = reports.popleft()
-            self._held -= 1
-            if error is None or error.code() >= 0:  # the broker's outcome, not librdkafka's own (timeout, purge)
-                self._watch.answered()
-                self._waiting_since = self._watch.clock() if self._held else None
-            elif not self._held:
-                self._waiting_since = None
+            delivery, generation, error, message = reports.popleft()
+            if generation == self._generation:  # a replaced handle's records count no more
+                self._held -= 1
+                if error is None or error.code() >= 0:  # the broker's outcome, not librdkafka's (timeout, purge)
+                    self._watch.answered()
+                    self._waiting_since = self._watch.clock() if self._held else None
+                elif not self._held:
+                    self._waiting_since = None
             if delivery.done():  # the sender stopped waiting (timeout, cancellation)
                 continue
             if error is None:

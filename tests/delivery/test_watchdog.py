@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -145,6 +146,40 @@ async def test_a_stalled_aiokafka_producer_is_replaced_once_the_cluster_answers(
     await wait_until(lambda: sink.ready, timeout_s=15)
     assert sink._producer is not stuck
     await sink.send(topic, b"k", b"after", [])
+    assert replacements(metrics, "stalled") == 1, "a healthy producer is not replaced again"
+
+
+async def test_a_stalled_librdkafka_producer_is_replaced_once_the_cluster_answers(
+    kafka: Kafka, topic: str, sinks: list[ProducerSink]
+) -> None:
+    """A handle whose deliveries never settle (its delivery reports lost before they reach the sink) while the
+    cluster answers the probe is replaced after ``stall_timeout_s``; the new handle delivers."""
+    metrics = Metrics()
+    settings = KafkaSettings(
+        bootstrap_servers=kafka.bootstrap_servers,
+        topic=topic,
+        enable_idempotence=kafka.supports_idempotence,
+        publish_timeout_s=30.0,
+        stall_timeout_s=2.0,
+        client="librdkafka",
+    )
+    sink = await _connected(sinks, settings, metrics)
+    assert isinstance(sink, LibrdkafkaSink)
+    await sink.send(topic, b"k", b"before", [])
+    stuck = sink._producer
+    sink._delivered = lambda *report: None  # type: ignore[method-assign]
+    started = time.monotonic()
+    waiting = asyncio.create_task(sink.send(topic, b"k", b"stuck", [], timeout_s=30.0))
+    await wait_until(lambda: replacements(metrics, "stalled") == 1, timeout_s=2.0 + 6.0)
+    elapsed_s = time.monotonic() - started
+    assert elapsed_s >= 2.0, f"replaced after {elapsed_s:.1f}s, before the stall bound"
+    del sink._delivered  # the new handle's reports arrive again
+    await wait_until(lambda: sink.ready, timeout_s=15)
+    assert sink._producer is not stuck
+    await sink.send(topic, b"k", b"after", [])
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, PublishFailed):  # purged with the old handle, or cancelled
+        await waiting
     assert replacements(metrics, "stalled") == 1, "a healthy producer is not replaced again"
 
 
