@@ -255,7 +255,10 @@ class KafkaSink:
             if reason is not None:
                 self._replace(producer, reason)
             elif self._watch.quiet_for_s() >= PROBE_INTERVAL_S:
-                await self._probe(producer)
+                try:
+                    await self._probe(producer)
+                except Exception:  # an unexpected error must not end the watchdog (a probe is only a probe)
+                    logger.exception("kafka metadata probe failed unexpectedly")
 
     async def _probe(self, producer: AIOKafkaProducer) -> None:
         """Ask one broker for metadata (no topics: the smallest request there is); an answer is reachability."""

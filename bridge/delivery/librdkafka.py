@@ -447,7 +447,10 @@ class LibrdkafkaSink:
             if reason is not None:
                 self._replace(producer, reason)
             elif self._watch.quiet_for_s() >= PROBE_INTERVAL_S:
-                await self._probe_metadata(producer)
+                try:
+                    await self._probe_metadata(producer)
+                except Exception:  # an unexpected error must not end the watchdog (a probe is only a probe)
+                    logger.exception("kafka metadata probe failed unexpectedly")
 
     async def _probe_metadata(self, producer: Producer) -> None:
         """Ask the cluster for the default topic's metadata (a topic the producer already knows: nothing to
