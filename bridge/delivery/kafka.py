@@ -286,6 +286,8 @@ class KafkaSink:
             return
         self._producer = None
         self._metrics.producer_replacements.labels(reason).inc()
+        if reason == "stalled":
+            self._watch.replaced()
         logger.error(
             "kafka producer %s; replacing the producer (%d records unacknowledged)",
             _REASONS.get(reason, reason),

@@ -471,6 +471,8 @@ class LibrdkafkaSink:
         stop_polling, polling = self._stop_polling, self._polling
         self._producer, self._ready = None, False
         self._metrics.producer_replacements.labels(reason).inc()
+        if reason == "stalled":
+            self._watch.replaced()
         logger.error(
             "kafka producer %s; replacing the producer (%d records unacknowledged)",
             "poll thread stopped unexpectedly"

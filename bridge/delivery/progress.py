@@ -27,6 +27,10 @@ PROBE_INTERVAL_S: Final = 1.0
 PROBE_TIMEOUT_S: Final = 2.0
 #: ``reachable`` stays True this long after the cluster's last answer: three probes may fail before it turns.
 REACHABLE_WINDOW_S: Final = 3.0
+#: Each stall replacement in a row (records never stopped waiting in between) doubles the bound, up to this many
+#: times: a partition the cluster itself cannot serve while it answers for the others (aiokafka's oldest record
+#: waits) costs a replacement every 2 minutes at most, not every ``stall_timeout_s``.
+MAX_STALL_DOUBLINGS: Final = 3
 
 
 class ProgressWatch:
@@ -45,6 +49,8 @@ class ProgressWatch:
         self._last_answer: float | None = None
         #: When the cluster's current run of answers began (None: it never answered).
         self._answering_since: float | None = None
+        #: Stall replacements since records last stopped waiting altogether.
+        self._strikes = 0
 
     def answered(self) -> None:
         """The cluster answered a request (a produce ack, a metadata response)."""
@@ -67,11 +73,23 @@ class ProgressWatch:
 
     def stalled(self, waiting_since: float | None) -> bool:
         """True when the producer is stalled: a record has waited for its outcome since ``waiting_since`` (None:
-        nothing waits), and the cluster has answered all along for more than ``stall_timeout_s`` of that wait.
+        nothing waits), and the cluster has answered all along for more than the bound of that wait
+        (``stall_timeout_s``, doubled for each :meth:`replaced` in a row).
 
         Measured up to the cluster's last answer, not up to now: time without answers never counts."""
-        if waiting_since is None or self._last_answer is None or self._answering_since is None:
+        if waiting_since is None:
+            self._strikes = 0  # caught up: the next stall is judged afresh
             return False
-        if not self._reachable_at(self.clock()):
+        if self._last_answer is None or self._answering_since is None or not self._reachable_at(self.clock()):
             return False
-        return self._last_answer - max(waiting_since, self._answering_since) > self.stall_timeout_s
+        return self._last_answer - max(waiting_since, self._answering_since) > self.bound_s
+
+    @property
+    def bound_s(self) -> float:
+        """The stall bound now: ``stall_timeout_s``, doubled for each stall replacement in a row."""
+        return self.stall_timeout_s * float(1 << min(self._strikes, MAX_STALL_DOUBLINGS))
+
+    def replaced(self) -> None:
+        """The producer was replaced because it stalled: the next one gets twice the time, until records stop
+        waiting altogether (``stalled(None)``)."""
+        self._strikes += 1

@@ -87,3 +87,23 @@ def test_a_young_record_is_not_stalled() -> None:
     w.answered()
     assert not w.stalled(clock.now - 5.0)
     assert w.stalled(clock.now - 10.5)
+
+
+def test_stall_replacements_in_a_row_double_the_bound_until_records_stop_waiting() -> None:
+    """A partition the cluster cannot serve while it answers for the others must not cost a replacement every
+    ``stall_timeout_s``: 10 s, then 20, 40, 80 s at most, and 10 s again once nothing waited."""
+    w, clock = watch(stall_timeout_s=10.0)
+    for expected_bound_s in (10.0, 20.0, 40.0, 80.0, 80.0):
+        sent_at = clock.now
+        w.answered()
+        while not w.stalled(sent_at):
+            clock.now += 1.0
+            w.answered()
+        assert clock.now - sent_at == expected_bound_s + 1.0
+        w.replaced()
+    assert not w.stalled(None)  # caught up
+    sent_at = clock.now
+    for _ in range(11):
+        clock.now += 1.0
+        w.answered()
+    assert w.bound_s == 10.0 and w.stalled(sent_at)
