@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
@@ -104,6 +103,8 @@ class KafkaSink:
         self._metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._replacing: asyncio.Task[None] | None = None
+        #: The producer being replaced, until it is closed.
+        self._retiring: AIOKafkaProducer | None = None
         self._watching: asyncio.Task[None] | None = None
         self._watchdog = watchdog
         self._watch = ProgressWatch(settings.stall_timeout_s)
@@ -167,8 +168,7 @@ class KafkaSink:
                 await producer.start()
             except asyncio.CancelledError:
                 # Shutdown while connecting: do not leave its connections and tasks behind, nor wait for them.
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(producer.stop()), timeout=1.0)
+                await _bounded(producer.stop(), 1.0)
                 raise
             except KafkaConnectionError as exc:
                 await producer.stop()
@@ -212,25 +212,20 @@ class KafkaSink:
         for task in (self._watching, self._replacing):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await _bounded(task, RETIRE_TIMEOUT_S)
         self._watching = None
+        if self._retiring is not None:  # a replacement was cut short before the old producer was closed
+            await _force_close(self._retiring, KafkaConnectionError("the producer was closed while being replaced"))
+            self._retiring = None
         producer, self._producer = self._producer, None
         if producer is None:
             return 0
         timeout_s = self._settings.publish_timeout_s if flush_timeout_s is None else flush_timeout_s
-        stopping = asyncio.ensure_future(producer.stop())
-        done, _ = await asyncio.wait({stopping}, timeout=timeout_s)
-        if done:
-            with contextlib.suppress(Exception):
-                stopping.result()
+        if await _bounded(producer.stop(), timeout_s):
             logger.info("kafka producer flushed and closed")
             return 0
         # An idempotent producer retries an undeliverable batch for ever: stop waiting, and say what is lost.
         self.abandoned = sum(1 for delivery in self._unacked if not delivery.done())
-        stopping.cancel()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await stopping
         await _force_close(producer, KafkaConnectionError("the producer was closed before the broker acknowledged"))
         logger.error(
             "kafka producer not flushed within %gs: abandoned %d unacknowledged records (none was answered 200 "
@@ -294,20 +289,15 @@ class KafkaSink:
             len(self._unacked),
             extra={"reason": reason},
         )
+        self._retiring = broken
         self._replacing = asyncio.create_task(self._reconnect(broken), name="kafka-reconnect")
 
     async def _reconnect(self, broken: AIOKafkaProducer) -> None:
         try:
-            stopping = asyncio.ensure_future(broken.stop())
-            done, _ = await asyncio.wait({stopping}, timeout=RETIRE_TIMEOUT_S)
-            if done:
-                with contextlib.suppress(Exception):
-                    stopping.result()
-            else:  # it waits for batches that cannot be delivered
-                stopping.cancel()
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await stopping
+            # A stalled producer's stop() waits for batches that cannot be delivered: closed by force after 1 s.
+            await _bounded(broken.stop(), RETIRE_TIMEOUT_S)
             await _force_close(broken, KafkaConnectionError("the producer was replaced before the broker acknowledged"))
+            self._retiring = None
             await self.connect(max_attempts=self._settings.replace_max_attempts)
         except Exception as exc:
             logger.critical("could not replace the kafka producer (%s); stopping so that it can be restarted", exc)
@@ -374,6 +364,24 @@ class KafkaSink:
             self._watch.answered()
 
 
+async def _bounded(awaitable: Awaitable[Any], timeout_s: float) -> bool:
+    """Await ``awaitable`` for at most ``timeout_s``, ignoring how it ends; True when it ended in time. Past the
+    bound it is cancelled and not waited for (``wait_for`` would wait for its cancellation, unbounded if it
+    ignores it). A cancellation of the caller propagates, and cancels it too."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        return False
+    if not task.cancelled():
+        task.exception()  # retrieved: how a close ends is not a caller's error
+    return True
+
+
 _REASONS: Final = {
     "sender_died": "sender routine stopped unexpectedly",
     "metadata_task_died": "client's metadata task stopped unexpectedly",
@@ -386,8 +394,7 @@ async def _force_close(producer: AIOKafkaProducer, error: KafkaError, *, timeout
     close its client (metadata task, connections), let the produce tasks that wait for a metadata update that
     will never come go on, end its sender routine, and fail every record it still holds with ``error``."""
     client = producer.client
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        await asyncio.wait_for(client.close(), timeout=timeout_s)
+    await _bounded(client.close(), timeout_s)
     # With the metadata task gone (closed now, or dead: issue #1038) nobody resolves the metadata update future,
     # and the sender's produce tasks wait on it (a failed request asks for a new one), while the sender's close
     # waits for them: a resolved one, left in place, lets them go on at once.
@@ -398,8 +405,7 @@ async def _force_close(producer: AIOKafkaProducer, error: KafkaError, *, timeout
         waiting_for_metadata.set_result(False)
     sender = getattr(producer, "_sender", None)
     if sender is not None:
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(sender.close(), timeout=timeout_s)
+        await _bounded(sender.close(), timeout_s)
     # Fails the delivery futures (the sends awaiting them get PublishFailed) and ends stop()'s flush, if any.
     accumulator = producer._message_accumulator
     queued = [batch for batches in accumulator._batches.values() for batch in batches]
