@@ -21,6 +21,7 @@ class NullSink:
     """The surface ``bridge.app`` drives (``bridge.delivery.clients.ProducerSink``), doing nothing."""
 
     ready = True
+    reachable = True
     in_flight = 0
     abandoned = 0
 

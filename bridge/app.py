@@ -347,7 +347,8 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
-    kafka = "connected" if c.sink.ready else "unavailable"
+    # "connected" only while the cluster answers now (bridge.delivery.progress), not since the producer connected.
+    kafka = "connected" if c.sink.ready and c.sink.reachable else "unreachable"
     body: dict[str, Any] = {"status": "ready" if c.ready else "not_ready", "kafka": kafka}
     if c.forwarder is not None:
         body["spool"] = "accepting" if c.forwarder.accepting else "full"

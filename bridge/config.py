@@ -61,9 +61,12 @@ class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
     ssl_cafile: str | None = None
     #: Bound on publishes waiting for an ack at once; beyond it callbacks get 503 + Retry-After.
     max_in_flight: int = 1000
-    #: A producer whose sender died is replaced; after this many failed connection attempts the process
-    #: exits non-zero so that its orchestrator restarts it.
+    #: A producer that stopped making progress is replaced; after this many failed connection attempts of its
+    #: replacement the process exits non-zero so that its orchestrator restarts it.
     replace_max_attempts: int = 10
+    #: A producer whose records wait this long for their ack while the cluster answers all along is stalled,
+    #: and replaced (bridge.delivery.progress); an outage, when the cluster does not answer, is no stall.
+    stall_timeout_s: float = 15.0
     #: The producer library behind the sink: aiokafka (pure Python) or librdkafka (confluent-kafka, the
     #: ``librdkafka`` extra). Same records, partitions and acks either way (README "Kafka client").
     client: KafkaClient = "aiokafka"
@@ -262,7 +265,12 @@ ENV_VARS: Final = (
     EnvVar(
         "BRIDGE_KAFKA_REPLACE_MAX_ATTEMPTS",
         "kafka.replace_max_attempts",
-        "failed attempts to replace a producer whose sender died before the process exits (code 3)",
+        'failed attempts to connect a replacement producer (see "Kafka client") before the process exits (code 3)',
+    ),
+    EnvVar(
+        "BRIDGE_KAFKA_STALL_TIMEOUT_S",
+        "kafka.stall_timeout_s",
+        'a producer whose records wait this long while the cluster answers is replaced; see "Kafka client"',
     ),
     EnvVar(
         "BRIDGE_KAFKA_CLIENT",
@@ -569,6 +577,7 @@ def validate_settings(settings: Settings) -> None:
         (kafka.max_batch_bytes >= 1024, "BRIDGE_KAFKA_MAX_BATCH_BYTES: must be >= 1024"),
         (kafka.max_in_flight >= 1, "BRIDGE_KAFKA_MAX_IN_FLIGHT: must be >= 1"),
         (kafka.replace_max_attempts >= 1, "BRIDGE_KAFKA_REPLACE_MAX_ATTEMPTS: must be >= 1"),
+        (kafka.stall_timeout_s >= 1, "BRIDGE_KAFKA_STALL_TIMEOUT_S: must be >= 1"),
         (
             kafka.sasl_mechanism is None or kafka.security_protocol.startswith("SASL"),
             "BRIDGE_KAFKA_SASL_MECHANISM: needs BRIDGE_KAFKA_SECURITY_PROTOCOL SASL_PLAINTEXT or SASL_SSL",

@@ -22,6 +22,11 @@ class ProducerSink(Sink, Protocol):
         """Sends waiting for their ack now."""
 
     @property
+    def reachable(self) -> bool:
+        """True while the cluster answered (an ack, or the sink's metadata probe while idle) within a few seconds;
+        False within a few seconds of every broker becoming unreachable. Cheap: no I/O."""
+
+    @property
     def abandoned(self) -> int:
         """Records the producer still held, unacknowledged, when :meth:`close` gave up on them."""
 

@@ -28,6 +28,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, libve
 from bridge.backoff import Backoff
 from bridge.config import KafkaSettings
 from bridge.delivery.kafka import IdempotenceUnsupported, ProducerUnavailable
+from bridge.delivery.progress import PROBE_INTERVAL_S, PROBE_TIMEOUT_S, ProgressWatch
 from bridge.delivery.records import Headers
 from bridge.delivery.sink import Ack
 from bridge.errors import ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
@@ -143,6 +144,12 @@ class LibrdkafkaSink:
     fast with :class:`NotReady` before that (or after a fatal error), with :class:`Overloaded` when
     ``max_in_flight`` sends already wait or librdkafka's queue is full, and with :class:`PublishFailed` when no
     ack arrives within its timeout. :meth:`close` flushes within a bound and counts what it abandons.
+
+    Once connected, a watchdog replaces the ``Producer`` handle (``vod_bridge_producer_replacements_total{reason}``)
+    when the poll thread ended or the producer stalled (:mod:`bridge.delivery.progress`: records waited for more
+    than ``stall_timeout_s`` without any settling while the cluster answered), and asks the cluster for the topic's
+    metadata when nothing was acknowledged for a second, so that ``reachable`` stays current. librdkafka's fatal
+    errors still stop the process (``on_fatal``). ``watchdog=False`` turns it off.
     """
 
     def __init__(
@@ -152,6 +159,7 @@ class LibrdkafkaSink:
         *,
         max_record_bytes: int = 1024 * 1024,
         on_fatal: Callable[[BaseException], None] | None = None,
+        watchdog: bool = True,
     ) -> None:
         self._settings = settings
         self._max_record_bytes = max_record_bytes
@@ -161,24 +169,43 @@ class LibrdkafkaSink:
         self._producer: Producer | None = None
         self._ready = False
         self._in_flight = 0
-        #: Delivery reports served by a librdkafka thread, waiting for the event loop: (future, error, message).
-        self._reports: collections.deque[tuple[asyncio.Future[Ack], KafkaError | None, Message]] = collections.deque()
+        #: Delivery reports served by a librdkafka thread, waiting for the event loop: (future, generation of the
+        #: producer handle that sent it, error, message).
+        self._reports: collections.deque[tuple[asyncio.Future[Ack], int, KafkaError | None, Message]] = (
+            collections.deque()
+        )
         self._polling: threading.Thread | None = None
         self._stop_polling = threading.Event()
         #: Blocking librdkafka calls (list_topics, flush): the handle is not destroyed under them.
         self._calls = DaemonCalls()
-        #: Set once librdkafka holds a producer id (idempotence), or has failed for good.
+        #: Set once librdkafka holds a producer id (idempotence), or has failed for good (one per producer).
         self._pid_settled = asyncio.Event()
+        #: Which producer handle is the current one: callbacks of a replaced one are ignored.
+        self._generation = 0
+        self._watchdog = watchdog
+        self._watching: asyncio.Task[None] | None = None
+        self._replacing: asyncio.Task[None] | None = None
+        self._watch = ProgressWatch(settings.stall_timeout_s)
+        #: Records the current handle was given and has not reported on yet (acked, refused, given up or purged),
+        #: and since when it has held records without any of them settling at the broker (None: none held).
+        self._held = 0
+        self._waiting_since: float | None = None
         self._fatal: ProducerFatalError | None = None
         #: The last error librdkafka reported (error_cb), to say why connecting does not succeed.
         self._last_error: str | None = None
         #: Records the producer still held, unacknowledged, when :meth:`close` gave up waiting for them.
         self.abandoned = 0
         metrics.feed(metrics.in_flight, lambda: self._in_flight)
+        metrics.feed(metrics.kafka_connected, lambda: float(self.ready and self.reachable))
 
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def reachable(self) -> bool:
+        """True while the cluster answered (an ack or a metadata probe) within the last few seconds."""
+        return self._watch.reachable
 
     @property
     def in_flight(self) -> int:
@@ -227,7 +254,9 @@ class LibrdkafkaSink:
             )
             await asyncio.sleep(delay_s)
         self._ready = True
-        self._metrics.kafka_connected.set(1)
+        self._watch.answered()  # the metadata request of the last attempt
+        if self._watchdog and self._watching is None:
+            self._watching = asyncio.create_task(self._watch_producer(), name="librdkafka-watchdog")
         logger.info(
             "kafka producer (librdkafka %s) connected to %s (acks=all, idempotence=%s)",
             libversion()[0],
@@ -238,9 +267,19 @@ class LibrdkafkaSink:
     def _start(self) -> Producer:
         self._loop = asyncio.get_running_loop()
         config = producer_config(self._settings, max_record_bytes=self._max_record_bytes)
-        config |= {"error_cb": self._on_error, "logger": client_logger, "log_level": _syslog_level(client_logger)}
+        self._generation += 1
+        self._held, self._waiting_since = 0, None
+        self._pid_settled = asyncio.Event()
+        config |= {
+            "error_cb": functools.partial(self._on_error, self._generation),
+            "logger": client_logger,
+            "log_level": _syslog_level(client_logger),
+        }
         if self._settings.enable_idempotence:
-            config |= {"stats_cb": self._on_stats, "statistics.interval.ms": STATS_INTERVAL_MS}
+            config |= {
+                "stats_cb": functools.partial(self._on_stats, self._pid_settled),
+                "statistics.interval.ms": STATS_INTERVAL_MS,
+            }
         try:
             producer = Producer(config)
         except KafkaException as exc:
@@ -248,7 +287,10 @@ class LibrdkafkaSink:
         self._producer = producer
         self._stop_polling = threading.Event()
         self._polling = threading.Thread(
-            target=self._poll, args=(producer, self._stop_polling), name="librdkafka-poll", daemon=True
+            target=self._poll,
+            args=(producer, self._stop_polling, self._generation),
+            name="librdkafka-poll",
+            daemon=True,
         )
         self._polling.start()
         return producer
@@ -290,12 +332,19 @@ class LibrdkafkaSink:
         started = time.perf_counter()
         try:
             producer.produce(
-                topic, value, key, headers=record_headers, on_delivery=functools.partial(self._delivered, delivery)
+                topic,
+                value,
+                key,
+                headers=record_headers,
+                on_delivery=functools.partial(self._delivered, delivery, self._generation),
             )
         except BufferError:
             raise Overloaded(f"librdkafka's queue is full ({len(producer)} records)", retry_after_s=1) from None
         except KafkaException as exc:
             raise _publish_error(exc.args[0], topic, len(value)) from None
+        self._held += 1
+        if self._waiting_since is None:
+            self._waiting_since = self._watch.clock()
         self._in_flight += 1
         # produce() never blocks, so the only wait is for the report: one timer handle on the future, not
         # asyncio.timeout's context (a third of the sink's own cost per send). Expiry fails only our wait: the
@@ -314,15 +363,21 @@ class LibrdkafkaSink:
         """Flush queued records and destroy the producer, within ``flush_timeout_s`` (default: the publish
         timeout) plus a few seconds whatever Kafka does. Returns how many records were abandoned unacknowledged
         (also kept in ``abandoned``); no caller was told any of them was delivered."""
+        for task in (self._watching, self._replacing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watching = None
         producer, self._producer = self._producer, None
         self._ready = False
-        self._metrics.kafka_connected.set(0)
         if producer is None:
             return 0
         timeout_s = self._settings.publish_timeout_s if flush_timeout_s is None else flush_timeout_s
         held: list[int] = []
         shutting_down = self._calls.run(
-            functools.partial(self._shut_down, producer, timeout_s, held), name="librdkafka-close"
+            functools.partial(self._shut_down, producer, timeout_s, held, self._stop_polling, self._polling),
+            name="librdkafka-close",
         )
         try:
             async with asyncio.timeout(timeout_s + DESTROY_TIMEOUT_S):
@@ -335,7 +390,7 @@ class LibrdkafkaSink:
             logger.info("kafka producer flushed and closed")
             return 0
         self.abandoned = left
-        logger.error(
+        logger.warning(
             "kafka producer not flushed within %gs: abandoned %d unacknowledged records (none was answered 200 "
             "or confirmed; spooled ones stay in the spool)",
             timeout_s,
@@ -344,17 +399,22 @@ class LibrdkafkaSink:
         )
         return left
 
-    def _shut_down(self, producer: Producer, timeout_s: float, held: list[int]) -> None:
+    def _shut_down(
+        self,
+        producer: Producer,
+        timeout_s: float,
+        held: list[int],
+        stop_polling: threading.Event,
+        polling: threading.Thread | None,
+    ) -> None:
         """On a thread of its own: flush within ``timeout_s``, count in ``held`` what the producer still holds,
-        purge it, destroy the handle."""
-        # A connect attempt may be in list_topics: it returns within CONNECT_ATTEMPT_TIMEOUT_S of now.
+        stop its poll thread, purge it, destroy the handle."""
+        # A connect attempt or a probe may be in list_topics: it returns within CONNECT_ATTEMPT_TIMEOUT_S of now.
         joined_by = time.monotonic() + CONNECT_ATTEMPT_TIMEOUT_S + 0.5
         producer.flush(timeout_s)
         held.append(len(producer))
-        self._stop_polling.set()
-        others = [
-            t for t in (self._polling, *self._calls.running()) if t is not None and t is not threading.current_thread()
-        ]
+        stop_polling.set()
+        others = [t for t in (polling, *self._calls.running()) if t is not None and t is not threading.current_thread()]
         for thread in others:
             thread.join(max(0.0, joined_by - time.monotonic()))
         # Purged records get a delivery report (_PURGE_QUEUE/_PURGE_INFLIGHT), so no send waits for ever.
@@ -371,16 +431,88 @@ class LibrdkafkaSink:
             if close is not None:
                 close()
 
+    async def _watch_producer(self) -> None:
+        """The watchdog: once a second, replace a producer whose poll thread ended or that stalled, else probe
+        the cluster if it said nothing for a second."""
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            producer = self._producer
+            if producer is None or not self._ready:  # being replaced, closing, or failed for good
+                continue
+            reason = None
+            if self._polling is None or not self._polling.is_alive():
+                reason = "poll_thread_died"
+            elif self._watch.stalled(self._waiting_since):
+                reason = "stalled"
+            if reason is not None:
+                self._replace(producer, reason)
+            elif self._watch.quiet_for_s() >= PROBE_INTERVAL_S:
+                try:
+                    await self._probe_metadata(producer)
+                except Exception:  # an unexpected error must not end the watchdog (a probe is only a probe)
+                    logger.exception("kafka metadata probe failed unexpectedly")
+
+    async def _probe_metadata(self, producer: Producer) -> None:
+        """Ask the cluster for the default topic's metadata (a topic the producer already knows: nothing to
+        create); an answer is reachability."""
+        probe = functools.partial(producer.list_topics, topic=self._settings.topic, timeout=PROBE_TIMEOUT_S)
+        try:
+            await self._calls.run(probe, name="librdkafka-probe")
+        except KafkaException:
+            return  # not answering: ``reachable`` turns False once the window passed
+        self._watch.answered()
+
+    def _replace(self, broken: Producer, reason: str) -> None:
+        """Swap the ``Producer`` handle for a new one, in the background; publishes get :class:`NotReady` (503)
+        until it connects. The old handle's records are purged: their sends fail (503, or they stay spooled)
+        and are sent again, at least once; with idempotence the new handle gets a new producer id."""
+        if self._producer is not broken or self._replacing is not None:
+            return
+        stop_polling, polling = self._stop_polling, self._polling
+        self._producer, self._ready = None, False
+        self._metrics.producer_replacements.labels(reason).inc()
+        if reason == "stalled":
+            self._watch.replaced()
+        logger.error(
+            "kafka producer %s; replacing the producer (%d records unacknowledged)",
+            "poll thread stopped unexpectedly"
+            if reason == "poll_thread_died"
+            else "made no progress while the cluster answered",
+            self._held,
+            extra={"reason": reason},
+        )
+        self._replacing = asyncio.create_task(
+            self._reconnect(broken, stop_polling, polling), name="librdkafka-reconnect"
+        )
+
+    async def _reconnect(
+        self, broken: Producer, stop_polling: threading.Event, polling: threading.Thread | None
+    ) -> None:
+        try:
+            retiring = self._calls.run(
+                functools.partial(self._shut_down, broken, 0.0, [], stop_polling, polling), name="librdkafka-retire"
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DESTROY_TIMEOUT_S):
+                    await retiring
+            await self.connect(max_attempts=self._settings.replace_max_attempts)
+        except Exception as exc:
+            logger.critical("could not replace the kafka producer (%s); stopping so that it can be restarted", exc)
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
+        finally:
+            self._replacing = None
+
     # ---- librdkafka's threads ----------------------------------------------------------------------------------
 
-    def _poll(self, producer: Producer, stop: threading.Event) -> None:
+    def _poll(self, producer: Producer, stop: threading.Event, generation: int) -> None:
         """The poll thread: serve delivery reports, statistics and logs until :meth:`close` stops it."""
         while not stop.is_set():
             try:
                 producer.poll(POLL_TIMEOUT_S)
             except KafkaException as exc:
                 error = exc.args[0]
-                if isinstance(error, KafkaError) and error.fatal():
+                if isinstance(error, KafkaError) and error.fatal() and generation == self._generation:
                     # confluent-kafka raises librdkafka's fatal errors from poll() instead of calling error_cb.
                     self._call_soon(self._failed, error)
                 else:
@@ -390,16 +522,20 @@ class LibrdkafkaSink:
             if self._reports:
                 self._schedule_settle()
 
-    def _delivered(self, delivery: asyncio.Future[Ack], error: KafkaError | None, message: Message) -> None:
+    def _delivered(
+        self, delivery: asyncio.Future[Ack], generation: int, error: KafkaError | None, message: Message
+    ) -> None:
         # On a librdkafka-serving thread: only queue the report; the loop resolves the future (_settle).
-        self._reports.append((delivery, error, message))
+        self._reports.append((delivery, generation, error, message))
 
     def _schedule_settle(self) -> None:
         # One wake-up of the loop per batch of reports, not per record.
         self._call_soon(self._settle)
 
-    def _on_error(self, error: KafkaError) -> None:
+    def _on_error(self, generation: int, error: KafkaError) -> None:
         """librdkafka's error_cb: informational (it retries on its own) unless fatal."""
+        if generation != self._generation:
+            return  # a replaced producer's
         if error.fatal():
             self._call_soon(self._failed, error)
             return
@@ -409,15 +545,15 @@ class LibrdkafkaSink:
         level = logging.WARNING if error.code() == KafkaError._ALL_BROKERS_DOWN else logging.DEBUG
         logger.log(level, "librdkafka: %s (%s)", error.str(), error.name())
 
-    def _on_stats(self, stats: str) -> None:
-        if self._pid_settled.is_set():
+    def _on_stats(self, pid_settled: asyncio.Event, stats: str) -> None:
+        if pid_settled.is_set():
             return
         try:
             eos = _stats_decoder.decode(stats).eos or {}
         except msgspec.DecodeError:
             return
         if eos.get("idemp_state") == "Assigned":
-            self._call_soon(self._pid_settled.set)
+            self._call_soon(pid_settled.set)
 
     def _call_soon(self, callback: Callable[..., object], *args: object) -> None:
         loop = self._loop
@@ -430,7 +566,14 @@ class LibrdkafkaSink:
     def _settle(self) -> None:
         reports = self._reports
         while reports:
-            delivery, error, message = reports.popleft()
+            delivery, generation, error, message = reports.popleft()
+            if generation == self._generation:  # a replaced handle's records count no more
+                self._held -= 1
+                if error is None or error.code() >= 0:  # the broker's outcome, not librdkafka's (timeout, purge)
+                    self._watch.answered()
+                    self._waiting_since = self._watch.clock() if self._held else None
+                elif not self._held:
+                    self._waiting_since = None
             if delivery.done():  # the sender stopped waiting (timeout, cancellation)
                 continue
             if error is None:
@@ -443,7 +586,6 @@ class LibrdkafkaSink:
             return
         self._fatal = ProducerFatalError(f"librdkafka fatal error {error.name()}: {error.str()}")
         was_ready, self._ready = self._ready, False
-        self._metrics.kafka_connected.set(0)
         self._pid_settled.set()
         logger.critical("%s; the producer cannot deliver any more", self._fatal.message)
         # Before connect() returned, connect() raises it; after, the process is told to stop (and restart).

@@ -35,6 +35,10 @@ OTHER_EVENT_TYPE: Final = "other"
 #: a memory-mapped file in that directory. The supervisor of ``--workers N`` sets it for its workers.
 MULTIPROCESS_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
+#: Why a producer was replaced (``vod_bridge_producer_replacements_total{reason}``): aiokafka's sender task or
+#: its client's metadata task ended, librdkafka's poll thread ended, or the producer stalled (either client).
+REPLACEMENT_REASONS: Final = ("sender_died", "metadata_task_died", "poll_thread_died", "stalled")
+
 #: How often a worker copies the gauges it reads on demand (:meth:`Metrics.feed`) into its file: a scrape
 #: answered by another worker sees them at most this old.
 GAUGE_REFRESH_INTERVAL_S: Final = 1.0
@@ -179,7 +183,8 @@ class Metrics:
         # (a sum would have to be compared with N, and a max would hide the one failing worker).
         self.kafka_connected = Gauge(
             "vod_bridge_kafka_connected",
-            "1 when the producer is connected (with several workers: when every worker's is)",
+            "1 when the producer is connected and the cluster answered within seconds (with several workers: when"
+            " every worker's is)",
             multiprocess_mode="livemin",
             registry=r,
         )
@@ -194,9 +199,12 @@ class Metrics:
         )
         self.producer_replacements = Counter(
             "vod_bridge_producer_replacements",
-            "aiokafka producers replaced because their sender routine died (librdkafka: a fatal error exits instead)",
+            "Producers replaced because they stopped making progress, by reason",
+            ["reason"],
             registry=r,
         )
+        for reason in REPLACEMENT_REASONS:  # every series at 0 from the start, so that increase() sees the first
+            self.producer_replacements.labels(reason)
         self.tls_reloads = Counter("vod_bridge_tls_reloads", "TLS certificate reloads", ["outcome"], registry=r)
         self.abandoned = Counter(
             "vod_bridge_producer_abandoned",

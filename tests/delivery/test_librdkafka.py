@@ -274,7 +274,8 @@ async def test_a_fatal_error_stops_the_sink_and_is_reported(
         library.rd_kafka_test_fatal_error(handle, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, b"provoked by the test")
     else:
         error = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "provoked by the test", fatal=True)
-        threading.Thread(target=sink._on_error, args=(error,)).start()  # as from librdkafka's thread
+        # As from librdkafka's thread, for the current producer handle (a replaced handle's are ignored).
+        threading.Thread(target=sink._on_error, args=(sink._generation, error)).start()
     await wait_until(lambda: bool(fatal), timeout_s=5)
 
     (exc,) = fatal

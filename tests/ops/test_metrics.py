@@ -239,5 +239,5 @@ async def test_a_full_spool_holding_events_is_not_ready(make_settings, make_clie
     readyz = await client.get("/readyz")
     body = await readyz.json()
     assert (readyz.status, body["status"], body["spool"]) == (503, "not_ready", "full"), body
-    assert body["spool_depth"] == i and body["kafka"] == "unavailable"
+    assert body["spool_depth"] == i and body["kafka"] == "unreachable"
     assert await scraped(client, "vod_bridge_ready") == 0
