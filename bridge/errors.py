@@ -120,6 +120,11 @@ class SpoolNoRoom(PublishFailed):
     code = "spool_full"
 
 
+#: ``PublishFailed.cause`` of a record failed because its producer failed or was replaced (not because of the record):
+#: another producer, or the spool, takes it.
+PRODUCER_REPLACED: Final = "producer_replaced"
+
+
 class RecordTooLarge(PublishFailed):
     """Kafka refuses the record for its size: retrying cannot help, so this is a 413, not a 503."""
 

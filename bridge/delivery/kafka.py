@@ -9,7 +9,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    BrokerResponseError,
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerClosed,
+)
 from aiokafka.protocol.metadata import MetadataRequest
 
 from bridge.backoff import Backoff
@@ -19,7 +25,15 @@ from bridge.delivery.partitioner import partition_for
 from bridge.delivery.progress import PROBE_INTERVAL_S, PROBE_TIMEOUT_S, ProgressWatch
 from bridge.delivery.records import Headers
 from bridge.delivery.sink import Ack
-from bridge.errors import BridgeError, ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
+from bridge.errors import (
+    PRODUCER_REPLACED,
+    BridgeError,
+    ConfigError,
+    NotReady,
+    Overloaded,
+    PublishFailed,
+    RecordTooLarge,
+)
 from bridge.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -345,9 +359,17 @@ class KafkaSink:
                 retriable=False,
                 cause=type(exc).__name__,
             ) from exc
-        except KafkaError as exc:
+        except RuntimeError as exc:  # KafkaError, or what killed the sender: its records fail with that error
             if (reason := _broken(producer, metadata_task=self._watchdog)) is not None:
                 self._replace(producer, reason)
+            if reason is not None or self._producer is not producer or isinstance(exc, ProducerClosed):
+                # The producer failed or was replaced, not the record: another producer (or the spool) can take it.
+                raise PublishFailed(
+                    f"kafka producer failed or was replaced while sending to {topic} ({type(exc).__name__})",
+                    cause=PRODUCER_REPLACED,
+                ) from exc
+            if not isinstance(exc, KafkaError):
+                raise
             raise PublishFailed(
                 f"kafka error for topic {topic}: {type(exc).__name__}",
                 retriable=bool(exc.retriable),

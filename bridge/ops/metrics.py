@@ -18,6 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from bridge.errors import (
     AUTH_FAILED_REASONS,
     INVALID_PAYLOAD_REASONS,
+    PRODUCER_REPLACED,
     BodyTimeout,
     ConfigError,
     Forbidden,
@@ -63,7 +64,7 @@ REJECT_REASONS: Final = (
 #: a spooled record this version cannot read (``bridge.delivery.forwarder``).
 DEAD_LETTER_REASONS: Final = (*sorted(UNDECODABLE_REASONS), "kafka_refused", "spool_format")
 #: The causes of ``vod_bridge_publish_failures_total`` known in advance; a Kafka error adds its class name.
-PUBLISH_FAILURE_CAUSES: Final = ("timeout", "not_ready", "overloaded", "spool", SpoolNoRoom.code)
+PUBLISH_FAILURE_CAUSES: Final = ("timeout", "not_ready", "overloaded", "spool", SpoolNoRoom.code, PRODUCER_REPLACED)
 
 
 def event_type_label(event_type: str) -> str:

@@ -137,9 +137,11 @@ async def test_a_stalled_aiokafka_producer_is_replaced_once_the_cluster_answers(
     for partition in stuck.client.cluster.partitions_for_topic(topic):
         stuck._sender._muted_partitions.add(TopicPartition(topic, partition))
     started = time.monotonic()
-    with pytest.raises(PublishFailed):
+    with pytest.raises(PublishFailed) as failed:
         # Its own timeout is far away: the replacement fails it (503 or spooled, sent again: at least once).
         await sink.send(topic, b"k", b"stuck", [], timeout_s=30.0)
+    # The producer failed, not the record: retriable, so a spool takes it rather than the sender getting a 503.
+    assert (failed.value.retriable, failed.value.cause) == (True, "producer_replaced"), failed.value
     elapsed_s = time.monotonic() - started
     assert 2.0 <= elapsed_s < 2.0 + 5.0, f"replaced after {elapsed_s:.1f}s"
     assert replacements(metrics, "stalled") == 1
