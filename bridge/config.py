@@ -301,7 +301,8 @@ ENV_VARS: Final = (
     EnvVar(
         "BRIDGE_HTTP_MAX_CONNECTIONS",
         "http.max_connections",
-        '`0`: the file limit (`RLIMIT_NOFILE`) minus max(64, 10 %); see "Slow clients and connection limits"',
+        "`0`: the file limit (`RLIMIT_NOFILE`) minus max(64, 10 %) and two listen backlogs (4096 gives 3431); see "
+        '"Slow clients and connection limits"',
     ),
     EnvVar(
         "BRIDGE_HTTP_REUSE_PORT",
