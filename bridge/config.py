@@ -452,12 +452,6 @@ _TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _DIGITS_RE: Final = re.compile("[0-9]+")
 
 
-def _show(default: object) -> str:
-    if isinstance(default, bool):
-        return str(default).lower()
-    return f"{default:g}" if isinstance(default, float) else str(default)
-
-
 def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Settings:
     """Build and validate Settings from environment variables; ``overrides`` (env-var name -> value, from
     CLI flags) win over ``environ``. Raises :class:`ConfigError` naming the offending variable."""

@@ -101,7 +101,6 @@ class SpoolForwarder:
         self._stopping = asyncio.Event()
         #: Records acked after an earlier record of their batch failed: not re-sent when the batch is retried.
         self._acked_ahead: set[int] = set()
-        self.forwarded = 0
         self._accepting = True
         #: Cursor write failures of the spool already added to the metric.
         self._cursor_failures_counted = 0
@@ -194,7 +193,6 @@ class SpoolForwarder:
                 if not self._accepting:
                     logger.info("spool has room again after forwarding to seq %d", acked_through)
                 self._accepting = True
-                self.forwarded += acked_through - position
                 self._acked_ahead = {seq for seq in self._acked_ahead if seq > acked_through}
                 position = acked_through
                 self._metrics.spool_depth.set(self._spool.depth)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Final, Literal, Protocol
+from typing import Final, Protocol
 
 import msgspec
 
+from bridge.config import InvalidPolicy
 from bridge.delivery.dedup import DedupWindow
 from bridge.delivery.records import Headers, Source, event_headers, undecodable_headers
 from bridge.delivery.sink import Ack, Sink
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 #: What to do with a callback body that is a JSON object but not a publishable event (no key found):
 #: publish it to the dead-letter topic (and answer 200), or refuse it with a 400 as earlier versions did.
-InvalidPolicy = Literal["dead-letter", "reject"]
 
 
 class Published(msgspec.Struct, frozen=True):

@@ -60,9 +60,6 @@ _ARRAY: Final = ord("[")
 _STRING: Final = ord('"')
 _NUMBER: Final = frozenset(b"-0123456789")
 
-#: Reasons that mean "not a JSON object": the body cannot even be stored as an event (a 4xx for callbacks).
-NOT_AN_OBJECT_REASONS: Final = frozenset({"invalid_utf8", "not_an_object", "malformed_json", "too_deep"})
-
 _NO_FALLBACKS: Final[tuple[Fallback, ...]] = ()
 
 #: The transport-only fields: (EventHandle, Sign, T's value, T's text as sent, fallback labels).
@@ -74,9 +71,9 @@ def read_event(body: bytes) -> VodEvent | Undecodable:
     """Read one event: a :class:`VodEvent` when a key can be found, else an :class:`Undecodable` for the
     dead-letter topic.
 
-    Raises :class:`InvalidPayload` only when the body is not a JSON object (reasons in
-    :data:`NOT_AN_OBJECT_REASONS`): invalid UTF-8, malformed JSON, another JSON value, or nesting deeper than
-    the parser allows. Any other input returns.
+    Raises :class:`InvalidPayload` only when the body is not a JSON object (reason ``invalid_utf8``,
+    ``malformed_json``, ``not_an_object`` or ``too_deep``): invalid UTF-8, malformed JSON, another JSON value, or
+    nesting deeper than the parser allows. Any other input returns.
     """
     try:
         # Raw pieces are copied to Kafka unparsed: check the encoding of all of them here, once.

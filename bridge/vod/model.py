@@ -220,7 +220,7 @@ class Undecodable(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     #: One of :data:`UNDECODABLE_REASONS` from the reader; a caller that dead-letters a body which is not even a
-    #: JSON object (an ``EventSet`` item) uses the ``InvalidPayload`` reason instead (``NOT_AN_OBJECT_REASONS``).
+    #: JSON object (an ``EventSet`` item) uses the ``InvalidPayload`` reason instead (see ``read_event``).
     reason: str
     message: str
     value: bytes
