@@ -87,6 +87,14 @@ def _log_fatal(exc: BaseException) -> None:
     logger.critical("fatal: %s", exc)
 
 
+def check_poller_credentials(settings: Settings, credentials: Credentials | None) -> None:
+    """Raise :class:`ConfigError` when the poller is on without Tencent Cloud credentials."""
+    if settings.poller.enabled and credentials is None:
+        raise ConfigError(
+            "BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY (or their _FILE variants)"
+        )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -104,10 +112,7 @@ def create_app(
     With ``BRIDGE_HTTP_TLS_CERT_FILE`` set, the certificate files are loaded here (:class:`ConfigError` when they
     cannot serve); whoever binds the socket passes ``app[COMPONENTS].tls.context`` to it.
     """
-    if settings.poller.enabled and credentials is None:
-        raise ConfigError(
-            "BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY (or their _FILE)"
-        )
+    check_poller_credentials(settings, credentials)
     metrics = metrics or Metrics()
     http, delivery_settings = settings.http, settings.delivery
     sink = make_sink(settings.kafka, metrics, max_record_bytes=http.max_body_bytes, on_fatal=on_fatal)

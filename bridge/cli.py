@@ -28,7 +28,7 @@ import msgspec
 from aiohttp import web
 
 from bridge import __version__
-from bridge.app import COMPONENTS, create_app, freeze_gc, reload_on_sighup, runner_options
+from bridge.app import COMPONENTS, check_poller_credentials, create_app, freeze_gc, reload_on_sighup, runner_options
 from bridge.config import ENV_VARS, EventLoop, Settings, load_settings
 from bridge.delivery.clients import check_client
 from bridge.delivery.spool import check_no_stranded
@@ -217,10 +217,7 @@ def check_startup(settings: Settings, env: Mapping[str, str]) -> Credentials | N
     if settings.poller.enabled:
         # A confirm must still fit VOD's 30 s window after the slowest pull and publish.
         check_window(settings.kafka.publish_timeout_s, settings.poller.request_timeout_s)
-        if credentials is None:
-            raise ConfigError(
-                "BRIDGE_PULL_ENABLED needs TENCENTCLOUD_SECRET_ID and TENCENTCLOUD_SECRET_KEY (or their _FILE variants)"
-            )
+    check_poller_credentials(settings, credentials)
     return credentials
 
 

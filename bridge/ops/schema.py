@@ -12,6 +12,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from bridge import __version__
+from bridge.config import SUB_APP_ID_PATTERN
 from bridge.delivery import records
 from bridge.errors import ConfigError
 from bridge.vod.event_types import EVENT_TYPES, EventSpec
@@ -21,8 +22,8 @@ HEADERS_SCHEMA_FILE: Final = "vod-event.headers.schema.json"
 KEYS_FILE: Final = "vod-event.keys.json"
 ASYNCAPI_FILE: Final = "asyncapi.json"
 _SCHEMA_FORMAT: Final = "application/schema+json;version=2020-12"
-#: A ``vod-sub-app-id`` header value: a SubAppId in decimal.
-_SUB_APP_ID_TEXT: Final = "^[1-9][0-9]*$"
+#: A ``vod-sub-app-id`` header value: a SubAppId in decimal, as the configuration and the callback path take it.
+_SUB_APP_ID_TEXT: Final = f"^{SUB_APP_ID_PATTERN}$"
 #: The names ``vod-bridge schema NAME`` takes, each for one file of ``schemas/``; the first is the default.
 SCHEMA_NAMES: Final = {
     "value": VALUE_SCHEMA_FILE,

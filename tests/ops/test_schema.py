@@ -100,3 +100,15 @@ def test_schema_write_reproduces_the_committed_directory(tmp_path: Path, capsys)
     assert [p.name for p in written] == sorted(p.name for p in SCHEMAS.glob("*.json"))
     for path in written:
         assert path.read_bytes() == (SCHEMAS / path.name).read_bytes()
+
+
+def test_the_sub_app_id_header_pattern_is_the_one_callbacks_and_settings_take() -> None:
+    """The documented ``vod-sub-app-id`` pattern admits exactly the SubAppIds a callback path or a setting can carry."""
+    import re
+
+    from bridge.config import SUB_APP_ID_PATTERN
+
+    schema = build_schemas()["vod-event.headers.schema.json"]
+    (pattern,) = {match for match in re.findall(r'"pattern":\s*"([^"]+)"', json.dumps(schema)) if "1-9" in match}
+    assert pattern == f"^{SUB_APP_ID_PATTERN}$"
+    assert re.match(pattern, "1" * 18) and not re.match(pattern, "1" * 19) and not re.match(pattern, "0123")
