@@ -32,7 +32,7 @@ from bridge.app import COMPONENTS, check_poller_credentials, create_app, freeze_
 from bridge.config import ENV_VARS, EventLoop, Settings, load_settings
 from bridge.delivery.clients import check_client
 from bridge.delivery.spool import check_no_stranded
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import BridgeError, ConfigError, KafkaUnavailable
 from bridge.ops.check import (
     DEFAULT_TIMEOUT_S,
     CheckResult,
@@ -46,7 +46,6 @@ from bridge.ops.logs import configure_logging
 from bridge.ops.metrics import MULTIPROCESS_DIR_ENV, Metrics
 from bridge.ops.redrive import (
     FromBeginning,
-    KafkaUnavailable,
     RecordOutcome,
     StartAt,
     format_outcome,
@@ -391,18 +390,23 @@ def dev(settings: Settings, *, credentials: Credentials | None = None) -> int:
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            tail(
-                settings.kafka,
-                event_topics(settings),
-                out=sys.stdout,
-                event_type=args.event_type,
-                key=args.key,
-                from_beginning=args.from_beginning,
-                pretty=not args.compact,
+    """Exit 0 when stopped (Ctrl-C), 1 when Kafka cannot be reached."""
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(
+                tail(
+                    settings.kafka,
+                    event_topics(settings),
+                    out=sys.stdout,
+                    event_type=args.event_type,
+                    key=args.key,
+                    from_beginning=args.from_beginning,
+                    pretty=not args.compact,
+                )
             )
-        )
+    except KafkaUnavailable as exc:
+        print(f"vod-bridge: tail: {exc.message}", file=sys.stderr)
+        return EXIT_UNSUCCESSFUL
     return EXIT_OK
 
 
@@ -445,10 +449,21 @@ def _redrive(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _send(settings: Settings, args: argparse.Namespace) -> int:
-    """Exit 0 on a 2xx answer, 1 otherwise (the answer is printed either way)."""
-    body = (args.file or sample_path()).read_bytes()
-    if args.task_id or args.sign:
-        event = msgspec.json.decode(body)
+    """Exit 0 on a 2xx answer, 1 otherwise (the answer is printed either way); 2 for a file it cannot use."""
+    path = args.file or sample_path()
+    try:
+        body = path.read_bytes()
+        event = msgspec.json.decode(body) if args.task_id or args.sign else None
+    except OSError as exc:
+        print(f"vod-bridge: send: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except msgspec.DecodeError as exc:
+        print(f"vod-bridge: send: {path} is not JSON ({exc}); --task-id and --sign edit a JSON object", file=sys.stderr)
+        return EXIT_CONFIG
+    if event is not None:
+        if not isinstance(event, dict):
+            print(f"vod-bridge: send: {path} is not a JSON object; --task-id and --sign edit one", file=sys.stderr)
+            return EXIT_CONFIG
         if args.task_id:
             for value in event.values():
                 if isinstance(value, dict) and "TaskId" in value:

@@ -144,6 +144,13 @@ class Overloaded(PublishFailed):
     code = "overloaded"
 
 
+class KafkaUnavailable(BridgeError):
+    """A one-shot command (``tail``, ``redrive``) could not reach Kafka, or Kafka stopped answering within its
+    timeout: nothing was lost; run it again."""
+
+    code = "kafka_unavailable"
+
+
 class UpstreamError(BridgeError):
     """The VOD API answered with an error or could not be reached."""
 

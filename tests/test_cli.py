@@ -238,3 +238,38 @@ def test_a_busy_port_exits_2_before_anything_says_it_listens(command: list[str],
     assert "listening on" not in output
     assert "is up" not in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "said"),
+    [
+        (None, [], "cannot read"),
+        (b"{not json", ["--task-id", "t-1"], "is not JSON"),
+        (b"[1, 2]", ["--task-id", "t-1"], "is not a JSON object"),
+    ],
+    ids=["missing", "not-json", "not-an-object"],
+)
+def test_send_with_a_file_it_cannot_use_exits_2_without_a_traceback(
+    tmp_path: Path, content: bytes | None, args: list[str], said: str
+) -> None:
+    path = tmp_path / "event.json"
+    if content is not None:
+        path.write_bytes(content)
+    command = [sys.executable, "-m", "bridge", "send", str(path), "--url", "http://127.0.0.1:9/vod/callback", *args]
+    result = subprocess.run(command, env=bridge_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert str(path) in result.stderr and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_tail_without_kafka_exits_1_naming_the_address(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "tail"],
+        env=bridge_env(BRIDGE_KAFKA_BOOTSTRAP_SERVERS=address),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"vod-bridge: tail: kafka not reachable at {address}" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr

@@ -49,7 +49,7 @@ from bridge.delivery.clients import ProducerSink, make_sink
 from bridge.delivery.kafka import connection_options
 from bridge.delivery.records import Headers, Source
 from bridge.delivery.sink import Sink
-from bridge.errors import BridgeError, ConfigError, InvalidPayload, PublishFailed
+from bridge.errors import ConfigError, InvalidPayload, KafkaUnavailable, PublishFailed
 from bridge.ops.metrics import Metrics
 from bridge.vod.decode import read_event
 from bridge.vod.model import Undecodable
@@ -64,12 +64,6 @@ INVALID_HEADERS: Final = "invalid_headers"
 #: A time no record carries: a broker that finds an offset for it does not look offsets up by time.
 _FAR_FUTURE_MS: Final = 253402300799000  # 9999-12-31T23:59:59Z
 _SOURCES: Final[Mapping[str, Source]] = {"callback": "callback", "pull": "pull"}
-
-
-class KafkaUnavailable(BridgeError):
-    """Kafka could not be reached, or stopped answering, within the timeout: nothing was lost; re-run."""
-
-    code = "kafka_unavailable"
 
 
 class SinceUnsupported(ConfigError):

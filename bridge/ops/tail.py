@@ -9,10 +9,12 @@ from typing import IO, Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 
 from bridge.config import KafkaSettings
 from bridge.delivery import records
 from bridge.delivery.kafka import connection_options
+from bridge.errors import KafkaUnavailable
 
 
 def format_record(record: Any, *, pretty: bool = True) -> str:
@@ -58,7 +60,11 @@ async def tail(
         auto_offset_reset="earliest" if from_beginning else "latest",
         enable_auto_commit=False,
     )
-    await consumer.start()
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise KafkaUnavailable(f"kafka not reachable at {kafka.bootstrap_servers}: {exc}") from None
     shown = 0
     try:
         while max_records is None or shown < max_records:

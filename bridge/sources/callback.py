@@ -128,11 +128,9 @@ class CallbackReceiver:
             sub_app_id=None if sub_app_text is None else int(sub_app_text),
             trace_headers=span.kafka_headers(),
         )
-        if type(outcome) is Published:  # nearly every callback: no pattern matching, a prebuilt answer
+        if isinstance(outcome, Published):  # nearly every callback: no pattern matching, a prebuilt answer
             return published_answer(outcome.topic, outcome.partition, outcome.offset)
         match outcome:
-            case Published(topic, partition, offset):
-                return published_answer(topic, partition, offset)
             case Spooled(seq):
                 return json_answer({"status": "spooled", "seq": seq})
             case Duplicate():
