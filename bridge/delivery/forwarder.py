@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +37,7 @@ from bridge.delivery.records import (
 )
 from bridge.delivery.sink import Sink
 from bridge.delivery.spool import AsyncSpool, SpoolError, SpoolFull
+from bridge.delivery.spool.store import sync_directory, write_file_durably
 from bridge.errors import PublishFailed, SpoolNoRoom
 from bridge.ops.metrics import Metrics
 from bridge.vod.model import Undecodable, VodEvent
@@ -320,26 +320,9 @@ def _write_refused(path: Path, value: bytes) -> None:
     """Write ``value`` to ``path`` (creating its directory); returns only after the fsync. Raises ``OSError``.
 
     A module function so tests can substitute a failing one. A partial file is removed: a retry writes it anew.
+    The name is durable too: the record is committed (and leaves the spool) once this returns.
     """
     if not path.parent.is_dir():
         path.parent.mkdir(exist_ok=True)
-        _fsync_dir(path.parent.parent)
-    try:
-        with path.open("wb") as out:
-            out.write(value)
-            out.flush()
-            os.fsync(out.fileno())
-        # The name must be durable too: the record is committed (and leaves the spool) once this returns.
-        _fsync_dir(path.parent)
-    except OSError:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_directory(path.parent.parent)
+    write_file_durably(path, value)

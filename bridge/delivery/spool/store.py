@@ -168,7 +168,8 @@ def sync_to_disk(fd: int, path: Path, kind: SyncKind) -> None:
 # The other disk I/O helpers are module functions so tests can substitute slow or failing ones.
 
 
-def _sync_dir(path: Path, sync: SyncStep) -> None:
+def sync_directory(path: Path, sync: SyncStep = sync_to_disk) -> None:
+    """Make the entries of directory ``path`` (a file created, renamed or removed in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         sync(fd, path, "directory")
@@ -353,7 +354,7 @@ class Spool:
             created = not directory.exists()
             directory.mkdir(parents=True, exist_ok=True)
             if created and step is not None:
-                _sync_dir(directory.parent, step)
+                sync_directory(directory.parent, step)
             filesystem_bytes = _filesystem_bytes(directory)
         except OSError as exc:
             raise SpoolError(f"cannot open spool directory {directory}: {exc}") from exc
@@ -456,7 +457,7 @@ class Spool:
                 active = _Segment(first_seq=last_seq + 1, path=directory / segment_name(last_seq + 1))
                 active.fd = _create_file(active.path)
                 if sync is not None:
-                    _sync_dir(directory, sync)
+                    sync_directory(directory, sync)
                 segments.append(active)
             else:
                 active.fd = os.open(active.path, os.O_RDWR | os.O_CLOEXEC)
@@ -772,7 +773,7 @@ class Spool:
         try:
             if self._sync is not None:
                 # The new name must be durable before records in it are acknowledged.
-                _sync_dir(self._dir, self._sync)
+                sync_directory(self._dir, self._sync)
         except OSError as exc:
             # Remove it, or the next roll to the same name would fail for ever (O_EXCL).
             os.close(fd)
@@ -1009,7 +1010,7 @@ class Spool:
             if self._sync is not None:
                 self._sync(fd, path, "cursor")
                 # The name must be durable before a commit deletes the segments the cursor skips.
-                _sync_dir(self._dir, self._sync)
+                sync_directory(self._dir, self._sync)
                 self.commit_fsync_count += 2
         except OSError:
             os.close(fd)
@@ -1082,24 +1083,35 @@ class Spool:
         self.close()
 
 
+def write_file_durably(path: Path, data: bytes, *, sync: SyncStep | None = sync_to_disk) -> None:
+    """Write ``data`` as the whole of file ``path``; with ``sync``, returns once its bytes and its name are durable.
+
+    Raises ``OSError``, leaving no partial file that could pass for a whole one.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _pwrite_all(fd, data, 0)
+            if sync is not None:
+                sync(fd, path, "set-aside")
+        finally:
+            os.close(fd)
+        if sync is not None:
+            sync_directory(path.parent, sync)
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+
+
 def _set_aside(path: Path, data: bytes, start: int, end: int, *, sync: SyncStep | None) -> str:
     """Copy ``data[start:end]`` to ``<path>.corrupt-<start>`` and return that file's name."""
     aside = path.with_name(f"{path.name}.corrupt-{start}")
     try:
-        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            _pwrite_all(fd, data[start:end], 0)
-            if sync is not None:
-                sync(fd, aside, "set-aside")
-        finally:
-            os.close(fd)
-        if sync is not None:
-            # The copy's name must be durable before the segment is cut.
-            _sync_dir(path.parent, sync)
+        # Durable, name included, before the segment is cut.
+        write_file_durably(aside, data[start:end], sync=sync)
     except OSError as exc:
-        # Refuse to cut bytes we could not preserve, and leave no partial copy that looks like a whole one.
-        with contextlib.suppress(OSError):
-            aside.unlink()
+        # Refuse to cut bytes we could not preserve.
         raise SpoolError(f"cannot set aside corrupt bytes of {path.name} to {aside.name}: {exc}") from exc
     return aside.name
 
@@ -1113,7 +1125,7 @@ def _truncate(path: Path, size: int, *, sync: SyncStep | None) -> None:
     finally:
         os.close(fd)
     if sync is not None:
-        _sync_dir(path.parent, sync)
+        sync_directory(path.parent, sync)
 
 
 def _try_truncate(path: Path, size: int, *, sync: SyncStep | None) -> bool:
