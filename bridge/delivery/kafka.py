@@ -22,7 +22,7 @@ from bridge.backoff import Backoff
 from bridge.config import KafkaSettings
 from bridge.delivery import aiokafka_patch
 from bridge.delivery.partitioner import partition_for
-from bridge.delivery.progress import PROBE_INTERVAL_S, PROBE_TIMEOUT_S, ProgressWatch
+from bridge.delivery.progress import PROBE_INTERVAL_S, PROBE_TIMEOUT_S, REPLACEMENT_CAUSES, ProgressWatch
 from bridge.delivery.records import Headers
 from bridge.delivery.sink import Ack
 from bridge.errors import (
@@ -299,7 +299,7 @@ class KafkaSink:
             self._watch.replaced()
         logger.error(
             "kafka producer %s; replacing the producer (%d records unacknowledged)",
-            _REASONS.get(reason, reason),
+            REPLACEMENT_CAUSES[reason],
             len(self._unacked),
             extra={"reason": reason},
         )
@@ -402,13 +402,6 @@ async def _bounded(awaitable: Awaitable[Any], timeout_s: float) -> bool:
     if not task.cancelled():
         task.exception()  # retrieved: how a close ends is not a caller's error
     return True
-
-
-_REASONS: Final = {
-    "sender_died": "sender routine stopped unexpectedly",
-    "metadata_task_died": "client's metadata task stopped unexpectedly",
-    "stalled": "made no progress while the cluster answered",
-}
 
 
 async def _force_close(producer: AIOKafkaProducer, error: KafkaError, *, timeout_s: float = 2.0) -> None:

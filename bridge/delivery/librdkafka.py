@@ -28,7 +28,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, libve
 from bridge.backoff import Backoff
 from bridge.config import KafkaSettings
 from bridge.delivery.kafka import IdempotenceUnsupported, ProducerUnavailable
-from bridge.delivery.progress import PROBE_INTERVAL_S, PROBE_TIMEOUT_S, ProgressWatch
+from bridge.delivery.progress import PROBE_INTERVAL_S, PROBE_TIMEOUT_S, REPLACEMENT_CAUSES, ProgressWatch
 from bridge.delivery.records import Headers
 from bridge.delivery.sink import Ack
 from bridge.errors import ConfigError, NotReady, Overloaded, PublishFailed, RecordTooLarge
@@ -475,9 +475,7 @@ class LibrdkafkaSink:
             self._watch.replaced()
         logger.error(
             "kafka producer %s; replacing the producer (%d records unacknowledged)",
-            "poll thread stopped unexpectedly"
-            if reason == "poll_thread_died"
-            else "made no progress while the cluster answered",
+            REPLACEMENT_CAUSES[reason],
             self._held,
             extra={"reason": reason},
         )

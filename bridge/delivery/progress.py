@@ -33,6 +33,15 @@ REACHABLE_WINDOW_S: Final = 3.0
 MAX_STALL_DOUBLINGS: Final = 3
 
 
+#: What each replacement reason (``vod_bridge_producer_replacements_total{reason}``) means, for the sinks' log line.
+REPLACEMENT_CAUSES: Final = {
+    "sender_died": "sender routine stopped unexpectedly",
+    "metadata_task_died": "client's metadata task stopped unexpectedly",
+    "poll_thread_died": "poll thread stopped unexpectedly",
+    "stalled": "made no progress while the cluster answered",
+}
+
+
 class ProgressWatch:
     """The reachability and stall rule, on an injected monotonic clock (no I/O, no tasks)."""
 

@@ -107,3 +107,10 @@ def test_stall_replacements_in_a_row_double_the_bound_until_records_stop_waiting
         clock.now += 1.0
         w.answered()
     assert w.bound_s == 10.0 and w.stalled(sent_at)
+
+
+def test_every_replacement_reason_has_its_log_text() -> None:
+    from bridge.delivery.progress import REPLACEMENT_CAUSES
+    from bridge.ops.metrics import REPLACEMENT_REASONS
+
+    assert set(REPLACEMENT_CAUSES) == set(REPLACEMENT_REASONS)
